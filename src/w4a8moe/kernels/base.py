@@ -1,0 +1,103 @@
+"""The backend interface and backend selection."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+BACKEND_ENV = "W4A8MOE_BACKEND"
+
+
+@dataclass
+class PackedExpertWeights:
+    """All routed experts of one layer, packed as on disk (SPEC section 4).
+
+    ``w13``: int8 ``[E, I, H]``, gate then up stacked along N (``2I`` channels) and packed
+    in output-channel pairs; ``w13_scale``: fp32 ``[E, 2I]``; ``w2``: int8 ``[E, H/2, I]``;
+    ``w2_scale``: fp32 ``[E, H]``.
+    """
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1]
+
+
+class ExpertBackend(Protocol):
+    """What the MoE layer needs from a kernel backend."""
+
+    name: str
+
+    def prepare(self, weights: PackedExpertWeights) -> object:
+        """Return the backend's own view of the weights (a re-layout done once at load)."""
+
+    def grouped_forward(
+        self,
+        prepared: object,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        alpha: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the expert path for routed rows.
+
+        ``x_q`` int8 ``[M, H]`` and ``x_scale`` fp32 ``[M, 1]`` are the per-token quantized
+        layer input; row ``r`` of the output (bf16 ``[R, H]``) is expert ``e``'s output for
+        token ``token_ids[r]``, where ``expert_offsets[e] <= r < expert_offsets[e + 1]``.
+        ``alpha`` fp32 ``[E]`` holds the activation clips (all ones to disable).
+        """
+
+
+_FACTORIES: dict[str, Callable[[], ExpertBackend | None]] = {}
+_PREFERENCE: list[str] = []
+
+
+def register_backend(name: str, factory: Callable[[], ExpertBackend | None], priority: int) -> None:
+    """Register a backend factory; it returns ``None`` where the backend cannot run here."""
+    _FACTORIES[name] = factory
+    _PREFERENCE.insert(min(priority, len(_PREFERENCE)), name)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, fastest first."""
+    _load_builtin()
+    return [n for n in _PREFERENCE if _FACTORIES[n]() is not None]
+
+
+def get_backend(name: str | None = None) -> ExpertBackend:
+    """The backend named by ``name``, else by ``$W4A8MOE_BACKEND``, else the fastest available."""
+    _load_builtin()
+    name = name or os.environ.get(BACKEND_ENV) or None
+    if name is not None:
+        if name not in _FACTORIES:
+            raise ValueError(f"unknown backend {name!r}; known: {sorted(_FACTORIES)}")
+        backend = _FACTORIES[name]()
+        if backend is None:
+            raise RuntimeError(f"backend {name!r} cannot run on this machine")
+        return backend
+    for candidate in _PREFERENCE:
+        backend = _FACTORIES[candidate]()
+        if backend is not None:
+            return backend
+    raise RuntimeError("no expert backend available")
+
+
+def _load_builtin() -> None:
+    # Imported here so that registering never happens at package import time for unused backends.
+    from w4a8moe.kernels import reference  # noqa: F401

@@ -1,0 +1,46 @@
+"""The reference backend: plain torch, exact integer accumulation, one expert at a time.
+
+Unpacked weights exist only transiently, one expert at a time, never as resident copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from w4a8moe.kernels.base import PackedExpertWeights, register_backend
+from w4a8moe.quant import scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
+
+
+class ReferenceBackend:
+    """Exact and slow: the behaviour every other backend is tested against."""
+
+    name = "reference"
+
+    def prepare(self, weights: PackedExpertWeights) -> PackedExpertWeights:
+        return weights
+
+    def grouped_forward(
+        self,
+        prepared: PackedExpertWeights,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        alpha: torch.Tensor,
+    ) -> torch.Tensor:
+        out = torch.empty((token_ids.shape[0], prepared.hidden_size), dtype=torch.bfloat16)
+        offsets = expert_offsets.tolist()
+        for e in range(prepared.num_experts):
+            start, end = offsets[e], offsets[e + 1]
+            if start == end:
+                continue
+            rows = token_ids[start:end]
+            gate_up = scaled_int_matmul(
+                x_q[rows], x_scale[rows], unpack_int4_pairs(prepared.w13[e]), prepared.w13_scale[e]
+            )
+            h_q, h_scale = swiglu_clip_quant(gate_up, alpha[e])
+            out[start:end] = scaled_int_matmul(h_q, h_scale, unpack_int4_pairs(prepared.w2[e]), prepared.w2_scale[e])
+        return out
+
+
+register_backend("reference", ReferenceBackend, priority=100)

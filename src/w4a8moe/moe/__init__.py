@@ -1,0 +1,16 @@
+"""The runtime MoE layer: routing, packed W4A8 experts, shared expert, W8A8 linears."""
+
+from w4a8moe.moe.routing import RoutingConfig, route_noaux_tc, route_softmax_topk, select_experts
+from w4a8moe.moe.linear import W8A8Linear
+from w4a8moe.moe.layer import W4A8MoE, PackedExperts, SharedExpert
+
+__all__ = [
+    "RoutingConfig",
+    "route_noaux_tc",
+    "route_softmax_topk",
+    "select_experts",
+    "W8A8Linear",
+    "W4A8MoE",
+    "PackedExperts",
+    "SharedExpert",
+]

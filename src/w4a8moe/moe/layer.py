@@ -1,0 +1,169 @@
+"""The W4A8 MoE layer: routing, packed int4 experts with the activation clip, shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from w4a8moe.formats.layer_tensors import QuantizedMoELayer
+from w4a8moe.formats.model_config import RoutingConfig
+from w4a8moe.kernels import ExpertBackend, PackedExpertWeights, get_backend
+from w4a8moe.moe.linear import W8A8Linear
+from w4a8moe.moe.routing import select_experts
+from w4a8moe.quant import dynamic_quant_per_token
+
+
+class PackedExperts(nn.Module):
+    """Routed experts held packed (4 bits per weight) with their scales and clips.
+
+    Buffers: ``w13`` int8 ``[E, I, H]`` (gate then up, packed pairs), ``w13_scale`` fp32
+    ``[E, 2I]``, ``w2`` int8 ``[E, H/2, I]``, ``w2_scale`` fp32 ``[E, H]``, ``alpha`` fp32 ``[E]``.
+    """
+
+    def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                 alpha: torch.Tensor):
+        super().__init__()
+        e, inter, hidden = w13.shape
+        expected = {
+            "w13": (w13, torch.int8, (e, inter, hidden)),
+            "w13_scale": (w13_scale, torch.float32, (e, 2 * inter)),
+            "w2": (w2, torch.int8, (e, hidden // 2, inter)),
+            "w2_scale": (w2_scale, torch.float32, (e, hidden)),
+            "alpha": (alpha, torch.float32, (e,)),
+        }
+        for name, (t, dtype, shape) in expected.items():
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"PackedExperts.{name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+            self.register_buffer(name, t.contiguous())
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    def weights(self) -> PackedExpertWeights:
+        """The packed weights as the kernel interface takes them."""
+        return PackedExpertWeights(self.w13, self.w13_scale, self.w2, self.w2_scale)
+
+
+class SharedExpert(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with any Linear-like projections (W8A8 or bf16).
+
+    With ``gate_weight`` (Qwen2-MoE's ``shared_expert_gate``) the output is scaled by
+    ``sigmoid(x @ gate_weight^T)``.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
+                 gate_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        if gate_weight is not None:
+            self.register_buffer("expert_gate", gate_weight)
+        else:
+            self.expert_gate = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The activation is taken in the model dtype (bf16), as the transformers models do.
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.expert_gate is not None:
+            out = torch.sigmoid(F.linear(x, self.expert_gate.to(x.dtype))) * out
+        return out
+
+
+class W4A8MoE(nn.Module):
+    """A MoE block with W4A8 routed experts and the learned activation clip of SPEC 1-3.
+
+    ``forward(x)`` takes bf16 ``[M, H]`` (or ``[..., H]``) and returns bf16 of the same shape:
+    ``shared(x) + routed_scaling_factor * sum_k w_k * expert_k(x)``, the sum formed in fp32.
+    ``apply_alpha=False`` ignores the activation clips, as the upstream sglang NPU path does.
+    """
+
+    def __init__(self, router_weight: torch.Tensor, routing: RoutingConfig, experts: PackedExperts,
+                 correction_bias: torch.Tensor | None = None, shared: nn.Module | None = None,
+                 apply_alpha: bool = True, backend: str | ExpertBackend | None = None):
+        super().__init__()
+        if router_weight.shape != (routing.num_experts, experts.w13.shape[2]):
+            raise ValueError(
+                f"router weight: expected [{routing.num_experts}, {experts.w13.shape[2]}], got {list(router_weight.shape)}"
+            )
+        if experts.num_experts != routing.num_experts:
+            raise ValueError(f"{experts.num_experts} experts given, routing expects {routing.num_experts}")
+        self.routing = routing
+        self.register_buffer("router_weight", router_weight)
+        if correction_bias is not None:
+            self.register_buffer("correction_bias", correction_bias.to(torch.float32))
+        else:
+            self.correction_bias = None
+        self.experts = experts
+        self.shared = shared
+        self.apply_alpha = apply_alpha
+        self.set_backend(backend)
+
+    @classmethod
+    def from_quantized(cls, layer: QuantizedMoELayer, routing: RoutingConfig, apply_alpha: bool = True,
+                       backend: str | ExpertBackend | None = None) -> "W4A8MoE":
+        """Build the module from a layer's quantized tensors (as a checkpoint or the converter holds them)."""
+        experts = PackedExperts(
+            w13=torch.cat((layer.packed["gate"], layer.packed["up"]), dim=1),
+            w13_scale=torch.cat((layer.scale["gate"], layer.scale["up"]), dim=1),
+            w2=layer.packed["down"],
+            w2_scale=layer.scale["down"],
+            alpha=layer.alpha,
+        )
+        shared = None
+        if layer.shared is not None:
+            projections = []
+            for proj in ("gate", "up", "down"):
+                weight, scale = layer.shared[proj]
+                if scale is None:
+                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
+                    linear.weight.data.copy_(weight)
+                    linear.requires_grad_(False)
+                    projections.append(linear)
+                else:
+                    projections.append(W8A8Linear(weight, scale))
+            shared = SharedExpert(*projections, gate_weight=layer.shared_expert_gate)
+        return cls(layer.router_weight, routing, experts, layer.correction_bias, shared, apply_alpha, backend)
+
+    def set_backend(self, backend: str | ExpertBackend | None = None) -> None:
+        """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available)."""
+        self.backend = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
+        self._prepared = self.backend.prepare(self.experts.weights())
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
+        logits = F.linear(x.to(torch.float32), self.router_weight.to(torch.float32))
+        return select_experts(logits, self.routing, self.correction_bias)
+
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor."""
+        m, k = ids.shape
+        out = torch.zeros((m, x.shape[-1]), dtype=torch.float32)
+        if m == 0:
+            return out
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_ids = torch.div(order, k, rounding_mode="floor")
+        counts = torch.bincount(flat_ids, minlength=self.routing.num_experts)
+        offsets = torch.zeros(self.routing.num_experts + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(counts, 0)
+        alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
+        x_q, x_scale = dynamic_quant_per_token(x)
+        rows = self.backend.grouped_forward(self._prepared, x_q, x_scale, token_ids, offsets, alpha)
+        row_weights = weights.reshape(-1)[order].unsqueeze(-1)
+        out.index_add_(0, token_ids, rows.to(torch.float32) * row_weights)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        weights, ids = self.route(x2)
+        out = self.routing.routed_scaling_factor * self.routed_experts(x2, weights, ids)
+        if self.shared is not None:
+            out = out + self.shared(x2).to(torch.float32)
+        return out.to(torch.bfloat16).reshape(shape)
+
+    def extra_repr(self) -> str:
+        r = self.routing
+        return (f"experts={r.num_experts}, top_k={r.top_k}, routing={r.method}, "
+                f"apply_alpha={self.apply_alpha}, backend={self.backend.name}")

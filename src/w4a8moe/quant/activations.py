@@ -1,0 +1,56 @@
+"""Per-token dynamic int8 activations and the SwiGLU-clip-quant step (SPEC 1, 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT8_MAX = 127
+
+
+def _quant_rows(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize fp32 rows against a per-row bound ``amax`` ``[M, 1]``."""
+    scale = amax / INT8_MAX
+    # Rows that are all zero keep scale 0 (their output is exactly 0); divide by 1 there.
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(x / safe), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def dynamic_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``a_m = max_k |x[m,k]| / 127``, ``x_q = round(x / a_m)``.
+
+    Computed in fp32 whatever the input dtype. Returns ``(x_q int8 [M, K], a fp32 [M, 1])``.
+    """
+    xf = x.to(torch.float32)
+    if xf.shape[0] == 0:
+        return xf.to(torch.int8), xf.new_zeros((0, 1))
+    return _quant_rows(xf, xf.abs().amax(dim=-1, keepdim=True))
+
+
+def swiglu_fp32(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` in fp32, where ``g`` is the first half of the columns, ``u`` the second."""
+    gu = gate_up.to(torch.float32)
+    inter = gu.shape[-1] // 2
+    return F.silu(gu[..., :inter]) * gu[..., inter:]
+
+
+def swiglu_clip_quant(
+    gate_up: torch.Tensor, alpha: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation clip of SPEC section 2, from the GMM1 output to the GMM2 input.
+
+    ``h = silu(g) * u`` in fp32; ``A_m = alpha_m * max_j |h[m, j]|``; ``h~ = clamp(h, -A, A)``;
+    ``c_m = A_m / 127``; ``h_q = round_half_even(h~ / c_m)`` saturated to int8.
+    ``alpha`` is a scalar or one value per row ``[M]`` / ``[M, 1]`` (each row's expert).
+    ``alpha = 1`` is exactly plain SwiGLU followed by :func:`dynamic_quant_per_token`.
+    """
+    h = swiglu_fp32(gate_up)
+    if h.shape[0] == 0:
+        return h.to(torch.int8), h.new_zeros((0, 1))
+    alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=h.device)
+    if alpha_t.dim() == 1:
+        alpha_t = alpha_t.unsqueeze(-1)
+    bound = alpha_t * h.abs().amax(dim=-1, keepdim=True)
+    h_clipped = torch.minimum(torch.maximum(h, -bound), bound)
+    return _quant_rows(h_clipped, bound)

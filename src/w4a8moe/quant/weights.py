@@ -1,0 +1,81 @@
+"""Per-output-channel symmetric weight quantization and the kernel bias (SPEC 1, 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from w4a8moe.quant.int4 import INT4_MAX
+
+INT8_WEIGHT_MAX = 127
+KERNEL_BIAS_CHUNKS = 16
+"""The AscendV1 down-projection ``scale_bias`` holds this many partial sums over K."""
+
+
+def _per_channel_symmetric(
+    weight: torch.Tensor, qmax: int, clip: torch.Tensor | float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if weight.dim() < 2:
+        raise ValueError(f"expected a weight [..., N, K], got shape {tuple(weight.shape)}")
+    w = weight.to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight contains NaN or Inf")
+    amax = w.abs().amax(dim=-1)  # [..., N]
+    if clip is not None:
+        clip_t = torch.as_tensor(clip, dtype=torch.float32)
+        if bool(((clip_t <= 0) | (clip_t > 1)).any()):
+            raise ValueError("weight clip factors must lie in (0, 1]")
+        amax = amax * clip_t
+    scale = amax / qmax
+    # An all-zero channel gets scale 1 so that its scale stays positive and finite;
+    # its quantized values are 0 either way.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_per_channel(
+    weight: torch.Tensor, clip: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per output channel with an optional weight clip ``alpha_w``.
+
+    ``s_n = alpha_w,n * max_k |W[n,k]| / 7`` and ``q = clamp(round_half_even(W / s), -7, 7)``.
+    Works on ``[N, K]`` or stacked ``[E, N, K]``; ``clip`` broadcasts against ``[..., N]``.
+    Returns unpacked int8 values and fp32 scales ``[..., N]``.
+    """
+    return _per_channel_symmetric(weight, INT4_MAX, clip)
+
+
+def quantize_int8_per_channel(
+    weight: torch.Tensor, clip: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (the W8A8 weights): ``s_n = max_k |W| / 127``."""
+    return _per_channel_symmetric(weight, INT8_WEIGHT_MAX, clip)
+
+
+def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * s`` in fp32: the float weight a quantized tensor stands for."""
+    return q.to(torch.float32) * scale.to(torch.float32).reshape(*q.shape[:-1], 1)
+
+
+def kernel_bias(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The Ascend A8W4 kernel constant ``8 * s_n * sum_k q[n, k]`` in fp32, shape ``[..., N]``.
+
+    ``q`` holds unpacked int4 values ``[..., N, K]``.
+    """
+    qsum = q.to(torch.int64).sum(dim=-1).to(torch.float32)
+    return 8.0 * scale.to(torch.float32).reshape(qsum.shape) * qsum
+
+
+def kernel_bias_chunks(
+    q: torch.Tensor, scale: torch.Tensor, chunks: int = KERNEL_BIAS_CHUNKS
+) -> torch.Tensor:
+    """The kernel bias as ``chunks`` partial sums over equal K-chunks: ``[..., N, chunks]``.
+
+    Used by the AscendV1 down projection so that a tensor-parallel rank can take the sum
+    over its own K-slice; the row sum equals :func:`kernel_bias`.
+    """
+    k = q.shape[-1]
+    if k % chunks:
+        raise ValueError(f"K={k} is not divisible into {chunks} equal chunks")
+    parts = q.to(torch.int64).reshape(*q.shape[:-1], chunks, k // chunks).sum(dim=-1)
+    return 8.0 * scale.to(torch.float32).reshape(*q.shape[:-1], 1) * parts.to(torch.float32)
