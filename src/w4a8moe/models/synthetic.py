@@ -57,7 +57,7 @@ def random_float_moe_layer(config: dict, seed: int = 0, outliers: bool = True,
         w = torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
         if outliers:
             cols = torch.randint(0, shape[-1], (max(1, shape[-1] // 32),), generator=gen)
-            w[..., cols] *= 8.0
+            w[..., cols] *= 3.0
         return w
 
     experts = {}
