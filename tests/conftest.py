@@ -1,0 +1,31 @@
+"""Shared fixtures: adversarial input generators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def adversarial_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Rows that stress per-row quantization: random, outliers, zeros, all-equal, tiny, huge, ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    kinds = [
+        lambda r: r,
+        lambda r: torch.where(torch.arange(k) == k // 3, r * 1000.0, r),  # one outlier column
+        lambda r: torch.zeros(k),
+        lambda r: torch.full((k,), -2.5),
+        lambda r: r * 1e-30,
+        lambda r: r * 1e30,
+        lambda r: torch.arange(k, dtype=torch.float32) - k / 2,  # exact half-way values after scaling
+        lambda r: torch.where(torch.arange(k) == 0, torch.tensor(127.0), torch.round(r * 40) + 0.5),
+    ]
+    for i in range(m):
+        x[i] = kinds[i % len(kinds)](x[i])
+    return x
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
