@@ -8,7 +8,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -115,6 +115,13 @@ class ShardedSafetensorsReader:
         self.infos: dict[str, TensorInfo] = {}
         if index_path.exists():
             self._read_indexed(index_path)
+            listed = {info.file.name for info in self.infos.values()}
+            stray = sorted(p.name for p in self.directory.glob(glob) if p.name not in listed)
+            if stray:
+                raise CheckpointError(
+                    f"{index_path.name}: weight file {stray[0]} is in the folder but not in the index "
+                    "(a stale or unfinished shard?)"
+                )
         else:
             singles = [self.directory / n for n in single_names if (self.directory / n).exists()]
             files = singles or sorted(self.directory.glob(glob))
@@ -225,6 +232,20 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metada
         raise
 
 
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete the temp files an interrupted atomic write left in ``directory``; return them.
+
+    They are the ``.{name}.*.tmp`` files of :func:`atomic_write_bytes` and
+    :func:`atomic_save_safetensors`; no finished file ever has that name.
+    """
+    removed = []
+    for tmp in sorted(Path(directory).glob(".*.tmp")):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def tensor_nbytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's data."""
     return t.numel() * t.element_size()
@@ -239,7 +260,9 @@ class ShardedSafetensorsWriter:
     """
 
     def __init__(self, directory: Path, prefix: str, index_name: str, max_shard_bytes: int = 4 << 30,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None,
+                 on_flush: Callable[[str, list[str]], None] | None = None):
+        """``on_flush(file_name, tensor_names)`` is called after each shard is in place (resume points)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -251,6 +274,19 @@ class ShardedSafetensorsWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shard_count = 0
+        self.on_flush = on_flush
+
+    def restore(self, weight_map: dict[str, str], total_bytes: int) -> None:
+        """Continue after shards written earlier (a resumed run): numbering goes on after them."""
+        if self.weight_map or self._pending:
+            raise ValueError("restore() must come before any tensor is added")
+        self.weight_map = dict(weight_map)
+        self.total_bytes = int(total_bytes)
+        self._shard_count = len(set(weight_map.values()))
+
+    def pending_names(self) -> list[str]:
+        """Names queued for the next shard, in order."""
+        return list(self._pending)
 
     def shard_name(self, number: int) -> str:
         """File name of shard ``number`` (1-based)."""
@@ -281,8 +317,11 @@ class ShardedSafetensorsWriter:
         for name in self._pending:
             self.weight_map[name] = fname
         self.total_bytes += self._pending_bytes
+        flushed = list(self._pending)
         self._pending = {}
         self._pending_bytes = 0
+        if self.on_flush is not None:
+            self.on_flush(fname, flushed)
         return fname
 
     def close(self) -> Path:
