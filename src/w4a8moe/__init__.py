@@ -13,6 +13,7 @@ from w4a8moe.formats import (
     write_checkpoint,
 )
 from w4a8moe.moe import W4A8MoE
+from w4a8moe.models import load_model
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "QuantizedMoELayer",
     "W4A8MoE",
     "W4A8MoEError",
+    "load_model",
     "open_checkpoint",
     "write_checkpoint",
 ]
