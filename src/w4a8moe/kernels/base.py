@@ -100,4 +100,4 @@ def get_backend(name: str | None = None) -> ExpertBackend:
 
 def _load_builtin() -> None:
     # Imported here so that registering never happens at package import time for unused backends.
-    from w4a8moe.kernels import reference  # noqa: F401
+    from w4a8moe.kernels import cpu, reference  # noqa: F401

@@ -1,0 +1,439 @@
+"""The native CPU backend: a C kernel (AVX-512 VNNI, AVX-VNNI or AVX2) for the grouped expert path.
+
+The C source ships with the package (``kernels/csrc/w4a8_cpu.c``) and is compiled on first use
+with the system C compiler into a per-user cache (``$W4A8MOE_CACHE_DIR``, default
+``~/.cache/w4a8moe``), keyed by a hash of the source, the compiler and the flags, and loaded
+with :mod:`ctypes`; it never builds against torch. Where no compiler or no AVX2 is available
+the backend factory returns ``None`` (the reference backend is then chosen) after one warning.
+
+The kernel is bit-exact against :mod:`w4a8moe.kernels.reference`: exact int32 accumulation,
+the same fp32 operation order for the scales, torch's bf16 rounding, and ``silu`` read from
+tables that :func:`w4a8moe.quant.swiglu_fp32` itself fills for every bf16 input (GMM1's
+output is bf16, so ``g`` takes at most 65536 values).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from w4a8moe.kernels.base import PackedExpertWeights, register_backend
+from w4a8moe.quant import swiglu_fp32
+
+CACHE_ENV = "W4A8MOE_CACHE_DIR"
+ISA_ENV = "W4A8MOE_CPU_ISA"
+SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
+ABI_VERSION = 1
+
+ISA_FLAGS: dict[str, list[str]] = {
+    # Everything the compiling CPU has: AVX-512 VNNI where present.
+    "native": ["-march=native"],
+    # AVX-512 switched off: AVX-VNNI (vpdpbusd on ymm) where present, else AVX2 maddubs.
+    "avx2": ["-march=native", "-mno-avx512f"],
+    # Plain AVX2 (vpmaddubsw + vpmaddwd), whatever else the CPU has.
+    "avx2-maddubs": ["-march=native", "-mno-avx512f", "-mno-avxvnni"],
+}
+COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+ISA_NAMES = {0: "none", 1: "avx2", 2: "avx-vnni", 3: "avx512-vnni"}
+
+BLOCK_N = 32
+"""Output channels per weight block of the re-laid layout."""
+TORCH_GRAIN_SIZE = 32768
+"""``at::internal::GRAIN_SIZE``: below this many elements torch runs an elementwise op serially."""
+
+_ERRORS = {
+    -1: "a token id is out of range",
+    -2: "expert offsets must start at 0 and be non-decreasing",
+    -3: "the kernel was compiled without SIMD support",
+    -4: "out of memory",
+}
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernel could not be compiled or loaded on this machine."""
+
+
+class KernelCallError(RuntimeError):
+    """The C kernel rejected its arguments."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$W4A8MOE_CACHE_DIR`` or ``~/.cache/w4a8moe``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "w4a8moe"
+
+
+def _cpu_flags() -> str:
+    # Part of the cache key: a cache shared between machines must not hand one CPU another's build.
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compile(compiler: str, flags: list[str]) -> Path:
+    """Compile the kernel with ``flags`` into the cache (atomically) and return the library path."""
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelBuildError(f"cannot run the C compiler {compiler!r}: {exc}") from exc
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
+    ).hexdigest()[:20]
+    directory = cache_dir()
+    target = directory / f"w4a8_cpu_{key}.so"
+    if target.exists():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot write to the kernel cache {directory}: {exc}") from exc
+    try:
+        proc = subprocess.run([compiler, *flags, "-o", tmp_name, str(SOURCE)], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise KernelBuildError(f"{compiler} failed ({' '.join(flags)}):\n{proc.stderr[-2000:]}")
+        # Atomic: a concurrent process either sees no library or a complete one.
+        os.replace(tmp_name, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelBuildError(f"compiling the CPU kernel failed: {exc}") from exc
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
+_I64, _INT, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+class KernelLibrary:
+    """The loaded C library with typed entry points."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        lib.w4a8_isa.restype = _INT
+        lib.w4a8_abi_version.restype = _INT
+        lib.w4a8_openmp.restype = _INT
+        lib.w4a8_layout_bytes.restype = _I64
+        lib.w4a8_layout_bytes.argtypes = [_I64, _I64]
+        lib.w4a8_relayout.restype = None
+        lib.w4a8_relayout.argtypes = [_P, _I64, _I64, _P, _INT]
+        lib.w4a8_gemm.restype = _INT
+        lib.w4a8_gemm.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT]
+        lib.w4a8_moe_forward.restype = _INT
+        lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
+                                         _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_probe_read.restype = _I64
+        lib.w4a8_probe_read.argtypes = [_P, _I64, _INT]
+        lib.w4a8_probe_int8_dot.restype = _I64
+        lib.w4a8_probe_int8_dot.argtypes = [_I64, _INT, _P]
+        if lib.w4a8_abi_version() != ABI_VERSION:
+            raise KernelBuildError(f"{path} has ABI {lib.w4a8_abi_version()}, expected {ABI_VERSION}")
+        self.lib = lib
+        self.isa = ISA_NAMES[lib.w4a8_isa()]
+        self.openmp = bool(lib.w4a8_openmp())
+
+    def check(self, status: int) -> None:
+        """Raise :class:`KernelCallError` for a non-zero kernel status."""
+        if status != 0:
+            raise KernelCallError(_ERRORS.get(status, f"kernel error {status}"))
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernel(isa: str = "native") -> KernelLibrary:
+    """Compile (once, cached on disk) and load the kernel for ``isa`` (a key of :data:`ISA_FLAGS`).
+
+    Raises :class:`KernelBuildError` when there is no compiler, the build fails, or the
+    result has no AVX2.
+    """
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown ISA variant {isa!r}; known: {sorted(ISA_FLAGS)}")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise KernelBuildError(f"the CPU kernel needs x86-64, this is {platform.machine()}")
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelBuildError("no C compiler found (tried $CC, cc, gcc, clang)")
+    try:
+        path = _compile(compiler, [*COMMON_FLAGS, *ISA_FLAGS[isa], "-fopenmp"])
+    except KernelBuildError:
+        # A compiler without OpenMP still gives a correct, single-threaded kernel.
+        path = _compile(compiler, [*COMMON_FLAGS, *ISA_FLAGS[isa]])
+    try:
+        library = KernelLibrary(path)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot load {path}: {exc}") from exc
+    if library.isa == "none":
+        raise KernelBuildError("this CPU (or compiler) has no AVX2: the CPU kernel cannot run")
+    return library
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+# ---- silu exactly as the reference computes it -------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiluTables:
+    """torch's fp32 ``silu`` of every bf16 value, from its vector code and from its scalar code.
+
+    The two agree except for a handful of inputs (1 ulp apart); torch uses the scalar code for
+    the elements of a row segment past its last whole group of ``vec_block`` elements.
+    ``vec_block == 0`` means the two tables are identical and no patching is needed.
+    """
+
+    vector: torch.Tensor
+    scalar: torch.Tensor
+    vec_block: int
+
+
+def _all_bf16() -> torch.Tensor:
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _silu_via_swiglu(gate: torch.Tensor) -> torch.Tensor:
+    """``swiglu_fp32`` of rows ``[gate | 1]``: silu(gate) computed by the one implementation."""
+    return swiglu_fp32(torch.cat((gate, torch.ones_like(gate)), dim=-1))
+
+
+@functools.lru_cache(maxsize=1)
+def silu_tables() -> SiluTables:
+    """Build (once per process) the silu tables and find torch's vector block width."""
+    values = _all_bf16()
+    # Vector code: contiguous rows of 16384 (a multiple of any vector block, below the
+    # parallel grain size so no thread split lands inside a row).
+    vector = torch.cat([_silu_via_swiglu(chunk.unsqueeze(0)).squeeze(0) for chunk in values.split(16384)])
+    # Scalar code: a strided one-column slice is never vectorized.
+    scalar = _silu_via_swiglu(values.unsqueeze(-1)).squeeze(-1)
+    differs = (vector.view(torch.int32) != scalar.view(torch.int32)) & ~torch.isnan(vector)
+    if not bool(differs.any()):
+        return SiluTables(vector.contiguous(), vector.contiguous(), 0)
+    # Calibrate: in one row of `length` copies of an input whose two results differ, the
+    # scalar code covers exactly the last `length % vec_block` elements.
+    probe = values[int(differs.nonzero()[0])]
+    scalar_bits = scalar.view(torch.int32)[int(differs.nonzero()[0])]
+    candidates = {8, 16, 32, 64, 128}
+    for length in (255, 1000):
+        row = _silu_via_swiglu(probe.repeat(1, length)).squeeze(0).view(torch.int32)
+        tail = int((row == scalar_bits).sum())
+        suffix_only = bool((row[: length - tail] != scalar_bits).all())
+        candidates &= {w for w in candidates if suffix_only and length % w == tail}
+    if len(candidates) != 1:
+        warnings.warn("could not identify torch's silu vector block; rare 1-ulp silu differences "
+                      "against the reference are possible", RuntimeWarning, stacklevel=2)
+        return SiluTables(vector.contiguous(), vector.contiguous(), 0)
+    vec_block = candidates.pop()
+    return SiluTables(vector.contiguous(), scalar.contiguous(), vec_block)
+
+
+# ---- the backend --------------------------------------------------------------------------
+
+
+@dataclass
+class CpuPreparedExperts:
+    """Experts re-laid for the kernel: ``w13`` uint8 ``[E, layout_bytes(2I, H)]``, ``w2`` uint8
+    ``[E, layout_bytes(H, I)]`` (4 bits per weight, blocked for VNNI), scales fp32 padded to a
+    multiple of 32 channels per expert."""
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def _round_up(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+def _padded_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
+    e = scale.shape[0]
+    out = torch.zeros((e, _round_up(n, BLOCK_N)), dtype=torch.float32)
+    out[:, :n] = scale.reshape(e, n).to(torch.float32)
+    return out
+
+
+class CpuBackend:
+    """The native W4A8 expert path (see the module docstring). Thread-safe across calls."""
+
+    name = "cpu"
+
+    def __init__(self, isa: str = "native", num_threads: int | None = None):
+        self.kernel = load_kernel(isa)
+        self.isa = self.kernel.isa
+        self._num_threads = num_threads
+        self._scratch = threading.local()
+
+    @property
+    def num_threads(self) -> int:
+        """Threads the kernel uses: the constructor's value, else torch's intra-op thread count."""
+        return self._num_threads or torch.get_num_threads()
+
+    def relayout(self, packed: torch.Tensor) -> torch.Tensor:
+        """Re-lay SPEC-4 packed int8 ``[N/2, K]`` (or ``[E, N/2, K]``) into the kernel layout.
+
+        Returns uint8 ``[layout_bytes]`` (or ``[E, layout_bytes]``).
+        """
+        if packed.dtype != torch.int8 or packed.dim() not in (2, 3):
+            raise ValueError(f"expected packed int8 [N/2, K] or [E, N/2, K], got {packed.dtype} {list(packed.shape)}")
+        stacked = packed if packed.dim() == 3 else packed.unsqueeze(0)
+        stacked = stacked.contiguous()
+        n, k = 2 * stacked.shape[1], stacked.shape[2]
+        size = self.kernel.lib.w4a8_layout_bytes(n, k)
+        out = torch.empty((stacked.shape[0], size), dtype=torch.uint8)
+        for e in range(stacked.shape[0]):
+            self.kernel.lib.w4a8_relayout(_ptr(stacked[e]), n, k, _ptr(out[e]), self.num_threads)
+        return out if packed.dim() == 3 else out[0]
+
+    def prepare(self, weights: PackedExpertWeights) -> CpuPreparedExperts:
+        """Re-lay all experts once (4 bits per weight); the SPEC-4 tensors are not kept."""
+        e, inter, hidden = weights.w13.shape
+        if tuple(weights.w2.shape) != (e, hidden // 2, inter) or hidden % 2:
+            raise ValueError(f"w2 must be [E, H/2, I] = [{e}, {hidden // 2}, {inter}], got {list(weights.w2.shape)}")
+        return CpuPreparedExperts(
+            w13=self.relayout(weights.w13),
+            w13_scale=_padded_scales(weights.w13_scale, 2 * inter),
+            w2=self.relayout(weights.w2),
+            w2_scale=_padded_scales(weights.w2_scale, hidden),
+            num_experts=e,
+            hidden_size=hidden,
+            intermediate_size=inter,
+        )
+
+    def gemm(self, layout: torch.Tensor, n: int, k: int, x_q: torch.Tensor, x_scale: torch.Tensor | None = None,
+             w_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """One matrix through the kernel's GEMM (a test and benchmark entry).
+
+        ``layout`` from :meth:`relayout`; ``x_q`` int8 ``[M, K]``. Without scales it returns
+        the exact int32 accumulation ``x_q @ W^T`` ``[M, N]``; with ``x_scale`` fp32 ``[M, 1]``
+        and ``w_scale`` fp32 ``[N]`` it returns bf16 ``(acc * x_scale) * w_scale``.
+        """
+        if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != k:
+            raise ValueError(f"x_q must be int8 [M, {k}], got {x_q.dtype} {list(x_q.shape)}")
+        if layout.dtype != torch.uint8 or layout.numel() != self.kernel.lib.w4a8_layout_bytes(n, k):
+            raise ValueError("layout does not match (n, k)")
+        x_q = x_q.contiguous()
+        m = x_q.shape[0]
+        if x_scale is None:
+            out = torch.empty((m, n), dtype=torch.int32)
+            status = self.kernel.lib.w4a8_gemm(_ptr(layout), n, k, _ptr(x_q), m, k, None, None, _ptr(out), None,
+                                               self.num_threads)
+        else:
+            if w_scale is None:
+                raise ValueError("w_scale is needed with x_scale")
+            xs = x_scale.reshape(m).to(torch.float32).contiguous()
+            ws = _padded_scales(w_scale.reshape(1, n), n)
+            out = torch.empty((m, n), dtype=torch.bfloat16)
+            status = self.kernel.lib.w4a8_gemm(_ptr(layout), n, k, _ptr(x_q), m, k, _ptr(xs), _ptr(ws), None,
+                                               _ptr(out), self.num_threads)
+        self.kernel.check(status)
+        return out
+
+    def _buffers(self, rows: int, hidden: int, inter: int, threads: int) -> dict[str, torch.Tensor]:
+        # Scratch is kept per thread and only grows, so steady-state calls allocate nothing large.
+        need = {
+            "xg": (rows * _round_up(hidden, 4), torch.int8),
+            "gu": (rows * 2 * inter, torch.int16),
+            "hq": (rows * _round_up(inter, 4), torch.int8),
+            "h": (threads * inter, torch.float32),
+            "xsum": (rows, torch.int32),
+            "hsum": (rows, torch.int32),
+            "xs": (rows, torch.float32),
+            "hs": (rows, torch.float32),
+        }
+        cache: dict[str, torch.Tensor] = getattr(self._scratch, "buffers", {})
+        for name, (size, dtype) in need.items():
+            if name not in cache or cache[name].numel() < size:
+                cache[name] = torch.empty(max(size, 1), dtype=dtype)
+        self._scratch.buffers = cache
+        return cache
+
+    def grouped_forward(
+        self,
+        prepared: CpuPreparedExperts,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        alpha: torch.Tensor,
+    ) -> torch.Tensor:
+        """The expert path for routed rows (see :class:`w4a8moe.kernels.base.ExpertBackend`)."""
+        e, hidden, inter = prepared.num_experts, prepared.hidden_size, prepared.intermediate_size
+        if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != hidden:
+            raise ValueError(f"x_q must be int8 [M, {hidden}], got {x_q.dtype} {list(x_q.shape)}")
+        if x_scale.numel() != x_q.shape[0]:
+            raise ValueError(f"x_scale must have {x_q.shape[0]} values, got {x_scale.numel()}")
+        if expert_offsets.numel() != e + 1:
+            raise ValueError(f"expert_offsets must have {e + 1} entries, got {expert_offsets.numel()}")
+        if alpha.numel() != e:
+            raise ValueError(f"alpha must have {e} entries, got {alpha.numel()}")
+        rows = token_ids.numel()
+        offsets = expert_offsets.to(torch.int64).contiguous()
+        if int(offsets[-1]) != rows:
+            raise ValueError(f"expert_offsets end at {int(offsets[-1])} but there are {rows} routed rows")
+        out = torch.empty((rows, hidden), dtype=torch.bfloat16)
+        if rows == 0:
+            return out
+        x_q = x_q.contiguous()
+        xs = x_scale.to(torch.float32).reshape(-1).contiguous()
+        ids = token_ids.to(torch.int64).contiguous()
+        alpha32 = alpha.to(torch.float32).contiguous()
+        tables = silu_tables()
+        threads = self.num_threads
+        buf = self._buffers(rows, hidden, inter, threads)
+        status = self.kernel.lib.w4a8_moe_forward(
+            _ptr(prepared.w13), _ptr(prepared.w13_scale), _ptr(prepared.w2), _ptr(prepared.w2_scale),
+            e, hidden, inter, _ptr(x_q), _ptr(xs), x_q.shape[0], _ptr(ids), _ptr(offsets), _ptr(alpha32),
+            _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(), TORCH_GRAIN_SIZE,
+            _ptr(buf["xg"]), _ptr(buf["gu"]), _ptr(buf["hq"]), _ptr(buf["h"]), _ptr(buf["xsum"]),
+            _ptr(buf["hsum"]), _ptr(buf["xs"]), _ptr(buf["hs"]), _ptr(out), threads,
+        )
+        self.kernel.check(status)
+        return out
+
+
+_WARNED = False
+
+
+def cpu_backend_factory() -> CpuBackend | None:
+    """The registered factory: a :class:`CpuBackend` (ISA from ``$W4A8MOE_CPU_ISA``), or ``None``
+    with a single warning per process where the kernel cannot be built here."""
+    global _WARNED
+    try:
+        return CpuBackend(os.environ.get(ISA_ENV, "native"))
+    except KernelBuildError as exc:
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(f"w4a8moe: CPU kernel unavailable, using the reference backend ({exc})",
+                          RuntimeWarning, stacklevel=2)
+        return None
+
+
+register_backend("cpu", cpu_backend_factory, priority=0)
