@@ -144,3 +144,17 @@ def test_weights_stay_packed():
     int8_bytes = sum(b.numel() for b in module.experts.buffers() if b.dtype == torch.int8)
     assert int8_bytes == e * 3 * h * i // 2  # 4 bits per routed weight, nothing unpacked kept
     assert all(b.dtype != torch.bfloat16 for b in module.experts.buffers())
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "ascendv1"])
+def test_odd_sizes_through_a_checkpoint(tmp_path, fmt):
+    from w4a8moe import open_checkpoint, write_checkpoint
+
+    # 5 experts, top-3, H and I even but not multiples of any block (AscendV1 needs I % 16 == 0)
+    inter = 48 if fmt == "ascendv1" else 18
+    cfg = tiny_config("mixtral", hidden_size=34, intermediate_size=inter, num_local_experts=5, num_experts_per_tok=3)
+    float_layer = random_float_moe_layer(cfg, seed=9, alpha=torch.tensor([0.3, 0.5, 0.7, 0.9, 1.0]))
+    ckpt = open_checkpoint(write_checkpoint(tmp_path / fmt, cfg, {0: float_layer}, fmt))
+    module = ckpt.moe_layer(0, backend="reference")
+    x = (torch.randn(11, 34) * 3).to(torch.bfloat16)
+    _assert_close_bf16(module(x), _reference_forward(ckpt.load_moe_layer_tensors(0), ckpt.model_config.routing, x))
