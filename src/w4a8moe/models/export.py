@@ -18,8 +18,8 @@ from torch import nn
 
 from w4a8moe.formats import FloatMoELayer, MoEModelConfig, write_checkpoint
 
-MLA_FLOAT_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
-"""DeepSeek MLA low-rank projections the upstream checkpoints keep in bf16."""
+MLA_FLOAT_PROJECTIONS = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+"""DeepSeek MLA projections the upstream checkpoints keep in bf16 (SPEC 1); ``q_b_proj`` is W8A8."""
 
 
 def default_w8a8_policy(name: str, module: nn.Module) -> bool:
