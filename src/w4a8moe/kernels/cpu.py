@@ -147,6 +147,9 @@ class KernelLibrary:
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_swiglu_clip_quant.restype = _INT
+        lib.w4a8_swiglu_clip_quant.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _P, _I64, _I64, _I64, _P, _P, _P,
+                                               _INT]
         lib.w4a8_probe_read.restype = _I64
         lib.w4a8_probe_read.argtypes = [_P, _I64, _INT]
         lib.w4a8_probe_int8_dot.restype = _I64
@@ -355,6 +358,28 @@ class CpuBackend:
                                                _ptr(out), self.num_threads)
         self.kernel.check(status)
         return out
+
+    def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: float = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's SwiGLU-clip-quant step alone (a test entry) for the rows of one expert.
+
+        ``gate_up`` bf16 ``[R, 2I]``. Returns ``(h fp32 [R, I], h_q int8 [R, I], c fp32 [R, 1])``,
+        to be compared with :func:`w4a8moe.quant.swiglu_fp32` and
+        :func:`w4a8moe.quant.swiglu_clip_quant`.
+        """
+        if gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+            raise ValueError(f"gate_up must be bf16 [R, 2I], got {gate_up.dtype} {list(gate_up.shape)}")
+        gate_up = gate_up.contiguous()
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        h = torch.empty((rows, inter), dtype=torch.float32)
+        h_q = torch.empty((rows, inter), dtype=torch.int8)
+        c = torch.empty((rows, 1), dtype=torch.float32)
+        tables = silu_tables()
+        status = self.kernel.lib.w4a8_swiglu_clip_quant(
+            _ptr(gate_up), rows, inter, float(alpha), _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block,
+            torch.get_num_threads(), TORCH_GRAIN_SIZE, _ptr(h), _ptr(h_q), _ptr(c), self.num_threads)
+        self.kernel.check(status)
+        return h, h_q, c
 
     def _buffers(self, rows: int, hidden: int, inter: int, threads: int) -> dict[str, torch.Tensor]:
         # Scratch is kept per thread and only grows, so steady-state calls allocate nothing large.

@@ -312,7 +312,7 @@ int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t 
  * scalar code rather than its vector code: TensorIterator splits the flattened [rows, inter]
  * range over threads (chunks of ceil(numel / nth) when numel >= grain), and inside each
  * row segment the vector loop covers whole groups of `vec_block` elements, the rest being
- * scalar. Calls mark(column) for each such column. */
+ * scalar. Recomputes h at each such column with the scalar table. */
 static void patch_scalar_silu(float *h, const uint16_t *g, const uint16_t *u, int64_t row, int64_t rows,
                               int64_t inter, const float *silu_scalar, int64_t vec_block, int64_t torch_threads,
                               int64_t grain) {
@@ -369,6 +369,29 @@ static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t int
     for (int64_t j = inter; j < inter_padded; j++) hq[j] = 0;
     *hscale = c;
     *hsum = sum;
+}
+
+/*
+ * The SwiGLU-clip-quant step alone over `rows` rows of one expert (a test entry): bf16
+ * gate|up [rows, 2*inter] -> h fp32 [rows, inter] (optional), h_q int8 [rows, inter], c [rows].
+ */
+int w4a8_swiglu_clip_quant(const uint16_t *gu, int64_t rows, int64_t inter, float alpha, const float *silu_vec,
+                           const float *silu_scalar, int64_t vec_block, int64_t torch_threads, int64_t grain,
+                           float *h_out, int8_t *hq, float *hscale, int nthreads) {
+    float *scratch = NULL;
+    if (!h_out) {
+        scratch = (float *)malloc((size_t)(rows > 0 ? rows : 1) * (size_t)inter * sizeof(float) + 64);
+        if (!scratch) return W4A8_ERR_OVERFLOW;
+    }
+    float *h = h_out ? h_out : scratch;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; r++) {
+        int32_t sum;
+        swiglu_clip_quant_row(gu + r * 2 * inter, inter, inter, alpha, silu_vec, silu_scalar, vec_block, r, rows,
+                              torch_threads, grain, h + r * inter, hq + r * inter, hscale + r, &sum);
+    }
+    free(scratch);
+    return W4A8_OK;
 }
 
 /*
