@@ -13,6 +13,7 @@ from w4a8moe.formats import (
     write_checkpoint,
 )
 from w4a8moe.moe import W4A8MoE
+from w4a8moe.convert import convert
 from w4a8moe.models import load_model
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizedMoELayer",
     "W4A8MoE",
     "W4A8MoEError",
+    "convert",
     "load_model",
     "open_checkpoint",
     "write_checkpoint",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -60,6 +61,104 @@ def _ignore_entry(name: str) -> str | None:
     return name[: -len(".weight")]
 
 
+class CheckpointWriter:
+    """Streams a W4A8 checkpoint to disk tensor by tensor (the engine behind :func:`write_checkpoint`).
+
+    Tensors go to atomically written shards as they come (``max_shard_bytes`` bounds what is
+    held); :meth:`finish` writes the index, ``config.json`` (with ``quantization_config`` for
+    compressed-tensors) or the AscendV1 description, and copies the non-weight files. The
+    AscendV1 type and the compressed-tensors ``ignore`` entry of every tensor are recorded
+    as it is added, so a converter can persist them (``types``, ``ignore``) and :meth:`restore`
+    them when it resumes after the shards already written. ``on_flush(file, names)`` is called
+    after each shard is in place.
+    """
+
+    def __init__(self, path: str | Path, config: dict, fmt: str = COMPRESSED_TENSORS,
+                 activation_use_clip: bool | None = None, max_shard_bytes: int = 4 << 30,
+                 on_flush: Callable[[str, list[str]], None] | None = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.model_config = MoEModelConfig.from_dict(config)
+        if fmt == ASCENDV1:
+            if activation_use_clip:
+                raise ValueError("the AscendV1 format has no activation clip; use compressed-tensors")
+            activation_use_clip = False
+        elif activation_use_clip is None:
+            activation_use_clip = True
+        self.fmt = fmt
+        self.activation_use_clip = bool(activation_use_clip)
+        prefix = ascendv1.WEIGHTS_PREFIX if fmt == ASCENDV1 else compressed_tensors.WEIGHTS_PREFIX
+        index = ascendv1.INDEX_FILE if fmt == ASCENDV1 else compressed_tensors.INDEX_FILE
+        self.shards = ShardedSafetensorsWriter(self.path, prefix, index, max_shard_bytes, on_flush=on_flush)
+        self.types: dict[str, str] = {}
+        self.ignore: list[str] = []
+        self._restored: set[str] = set()
+
+    def restore(self, weight_map: dict[str, str], total_bytes: int, types: dict[str, str], ignore: list[str]) -> None:
+        """Continue after shards a previous run finished (their tensors, types and ignore entries).
+
+        Tensors already in those shards are skipped when added again, so a resumed converter
+        can regenerate a partly written unit of work as a whole.
+        """
+        self.shards.restore(weight_map, total_bytes)
+        self.types = dict(types)
+        self.ignore = list(ignore)
+        self._restored = set(weight_map)
+
+    def add(self, name: str, tensor: torch.Tensor, kind: str) -> None:
+        """Queue one tensor with its AscendV1 type (``FLOAT``, ``W8A8_DYNAMIC``, ``W4A8_DYNAMIC``)."""
+        if name in self._restored:
+            return  # already in a shard a previous (resumed) run finished
+        self.shards.add(name, tensor)
+        self.types[name] = kind
+        if kind == ascendv1.FLOAT and tensor.dim() == 2 and (entry := _ignore_entry(name)):
+            self.ignore.append(entry)
+
+    def add_moe_layer(self, layer_idx: int, layer: FloatMoELayer | QuantizedMoELayer,
+                      shared_format: str = "w8a8") -> None:
+        """Queue every tensor of one MoE block (a float layer is quantized here)."""
+        q = layer if isinstance(layer, QuantizedMoELayer) else quantize_moe_layer(layer, shared_format)
+        for name, (tensor, kind) in moe_layer_tensors(
+            self.fmt, self.model_config, layer_idx, q, self.activation_use_clip
+        ).items():
+            self.add(name, tensor, kind)
+
+    def add_w8a8_linear(self, name: str, weight: torch.Tensor) -> None:
+        """Quantize a Linear's float ``weight`` (``name`` ends in ``.weight``) to W8A8 dynamic and queue it."""
+        wq, s = quantize_int8_per_channel(weight)
+        base = name[: -len(".weight")]
+        for suffix, t in w8a8_linear_tensors(self.fmt, wq, s).items():
+            self.add(f"{base}.{suffix}", t, ascendv1.W8A8_DYNAMIC)
+
+    def add_float(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor kept as it is (embeddings, norms, projections kept in bf16, ...)."""
+        self.add(name, tensor, ascendv1.FLOAT)
+
+    def flush(self) -> str | None:
+        """Write what is queued as a shard now; return its file name."""
+        return self.shards.flush()
+
+    def finish(self, copy_files: list[Path] | None = None, description_metadata: dict | None = None) -> Path:
+        """Flush, write the index and the config (or description), copy ``copy_files``; return the path."""
+        self.shards.close()
+        out_config = dict(self.config)
+        out_config.pop("quantization_config", None)
+        if self.fmt == ASCENDV1:
+            metadata = {"producer": "w4a8moe", **(description_metadata or {})}
+            atomic_write_json(self.path / ascendv1.DESCRIPTION_FILE, ascendv1.build_description(self.types, metadata))
+        else:
+            out_config["quantization_config"] = compressed_tensors.build_quantization_config(
+                self.activation_use_clip, self.ignore
+            )
+        atomic_write_json(self.path / "config.json", out_config)
+        for src in copy_files or []:
+            shutil.copy2(src, self.path / Path(src).name)
+        return self.path
+
+
 def write_checkpoint(
     path: str | Path,
     config: dict,
@@ -82,53 +181,11 @@ def write_checkpoint(
     AscendV1, which has no clip. Shards and metadata files are written atomically; the
     index is written last. Returns ``path``.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model_config = MoEModelConfig.from_dict(config)
-    if fmt == ASCENDV1:
-        if activation_use_clip:
-            raise ValueError("the AscendV1 format has no activation clip; use compressed-tensors")
-        activation_use_clip = False
-    elif activation_use_clip is None:
-        activation_use_clip = True
-    prefix = ascendv1.WEIGHTS_PREFIX if fmt == ASCENDV1 else compressed_tensors.WEIGHTS_PREFIX
-    index = ascendv1.INDEX_FILE if fmt == ASCENDV1 else compressed_tensors.INDEX_FILE
-    writer = ShardedSafetensorsWriter(path, prefix, index, max_shard_bytes)
-    types: dict[str, str] = {}
-    ignore: list[str] = []
-
-    def add(name: str, tensor: torch.Tensor, kind: str) -> None:
-        writer.add(name, tensor)
-        types[name] = kind
-
+    writer = CheckpointWriter(path, config, fmt, activation_use_clip, max_shard_bytes)
     for layer_idx in sorted(moe_layers):
-        layer = moe_layers[layer_idx]
-        q = layer if isinstance(layer, QuantizedMoELayer) else quantize_moe_layer(layer, shared_format)
-        for name, (tensor, kind) in moe_layer_tensors(fmt, model_config, layer_idx, q, activation_use_clip).items():
-            add(name, tensor, kind)
-            if kind == ascendv1.FLOAT and tensor.dim() == 2 and (entry := _ignore_entry(name)):
-                ignore.append(entry)
+        writer.add_moe_layer(layer_idx, moe_layers[layer_idx], shared_format)
     for name, weight in sorted((w8a8_linears or {}).items()):
-        wq, s = quantize_int8_per_channel(weight)
-        base = name[: -len(".weight")]
-        for suffix, t in w8a8_linear_tensors(fmt, wq, s).items():
-            add(f"{base}.{suffix}", t, ascendv1.W8A8_DYNAMIC)
+        writer.add_w8a8_linear(name, weight)
     for name, tensor in sorted((other_tensors or {}).items()):
-        add(name, tensor, ascendv1.FLOAT)
-        if tensor.dim() == 2 and (entry := _ignore_entry(name)):
-            ignore.append(entry)
-    writer.close()
-
-    out_config = dict(config)
-    out_config.pop("quantization_config", None)
-    if fmt == ASCENDV1:
-        atomic_write_json(path / ascendv1.DESCRIPTION_FILE, ascendv1.build_description(types, {"producer": "w4a8moe"}))
-    else:
-        out_config["quantization_config"] = compressed_tensors.build_quantization_config(activation_use_clip, ignore)
-    atomic_write_json(path / "config.json", out_config)
-    for src in copy_files or []:
-        shutil.copy2(src, path / Path(src).name)
-    return path
-
+        writer.add_float(name, tensor)
+    return writer.finish(copy_files)

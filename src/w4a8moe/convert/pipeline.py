@@ -1,0 +1,466 @@
+"""``convert``: a Hugging Face MoE checkpoint to a W4A8 checkpoint, streamed and resumable.
+
+Units of work, in order: the tensors outside the decoder layers (embeddings, final norm,
+``lm_head``), then each decoder layer. A unit's source tensors are read from the memory-mapped
+shards when the unit starts and dropped when it ends. With learned clips the calibration
+tokens' hidden states (``[S, T, H]``, model dtype, in memory) flow through transformers'
+own decoder layer, one layer at a time, so every MoE layer is calibrated on the real hidden
+states and routing of the layers before it (those of the unquantized source model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from w4a8moe.calibrate import ClipSearchSettings, ExpertClips, ExpertWeights, learn_expert_clips
+from w4a8moe.convert.policy import DEFAULT_KEEP_BF16, W8A8, LayerPolicy
+from w4a8moe.convert.progress import ProgressManifest
+from w4a8moe.convert.runner import LayerRunner
+from w4a8moe.convert.source import SourceCheckpoint
+from w4a8moe.data import ByteTokenizer, load_text, load_user_text, token_batches
+from w4a8moe.errors import ConversionError
+from w4a8moe.formats import ascendv1, compressed_tensors
+from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
+from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
+from w4a8moe.formats.schema import ASCENDV1, COMPRESSED_TENSORS, FORMATS
+from w4a8moe.formats.writer import CheckpointWriter, moe_layer_tensors
+from w4a8moe.moe import W4A8MoE, select_experts
+from w4a8moe.quant import quantize_int8_per_channel
+
+REPORT_FILE = "conversion_report.json"
+CONFIG_KEY = "w4a8moe"
+CONVERTER_VERSION = 1
+DEFAULT_CALIB_SEQUENCES = 32
+DEFAULT_CALIB_SEQ_LEN = 256
+HEAD_UNIT = "non_layer"
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _rel(err: float, energy: float) -> float | None:
+    return err / energy if energy > 0 else None
+
+
+def calibration_tokens(source: SourceCheckpoint, calib: str | Path | None, tokenizer: str | Path | None,
+                       num_sequences: int, seq_len: int) -> tuple[torch.Tensor, dict]:
+    """Token windows ``[S, T]`` for calibration and a description of where they came from.
+
+    Text: the file ``calib`` or the built-in ``calib`` split. Tokenizer: ``tokenizer`` (a local
+    transformers tokenizer folder), else the source folder's own tokenizer files if present,
+    else the byte tokenizer, which is only allowed when the model's vocabulary has >= 256 ids.
+    """
+    text = load_user_text(calib) if calib is not None else load_text("calib")
+    info: dict = {"text": "file" if calib is not None else "built-in calib split",
+                  "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    tok_dir = Path(tokenizer) if tokenizer is not None else None
+    if tok_dir is None and any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok_dir = source.path
+    if tok_dir is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"cannot load the tokenizer in {tok_dir}: {exc}") from exc
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        info["tokenizer"] = "source folder" if tok_dir == source.path else "given folder"
+    else:
+        vocab = int(source.config.get("vocab_size") or 0)
+        if vocab < 256:
+            raise ConversionError(
+                f"the model's vocab_size is {vocab} (< 256) and no tokenizer was given: pass tokenizer= (--tokenizer DIR)"
+            )
+        ids = ByteTokenizer().encode(text)
+        info["tokenizer"] = "byte tokenizer (fallback: no tokenizer given or found; vocab_size >= 256)"
+    vocab = int(source.config.get("vocab_size") or 0)
+    if ids.numel() and vocab and int(ids.max()) >= vocab:
+        raise ConversionError(f"the tokenizer produced id {int(ids.max())} >= the model's vocab_size {vocab}")
+    available = ids.numel() // seq_len
+    if available < 1:
+        raise ConversionError(f"calibration text gives {ids.numel()} tokens, fewer than one sequence of {seq_len}")
+    batches = token_batches(ids, seq_len, min(num_sequences, available))
+    info.update(sequences=int(batches.shape[0]), seq_len=seq_len, tokens=int(batches.numel()),
+                ids_sha256=hashlib.sha256(batches.numpy().tobytes()).hexdigest())
+    return batches, info
+
+
+def _source_identity(source: SourceCheckpoint) -> dict:
+    files = sorted({info.file for info in source.reader.infos.values()})
+    return {
+        "config_sha256": hashlib.sha256((source.path / "config.json").read_bytes()).hexdigest(),
+        "shards": [[f.name, f.stat().st_size] for f in files],
+    }
+
+
+class _Run:
+    """State shared between the unit loop and the writer's flush callback."""
+
+    def __init__(self) -> None:
+        self.unit = 0
+        self.hidden: torch.Tensor | None = None
+        self.hidden_saved_for: int | None = None
+        self.reports: dict[str, dict] = {}
+        self.unit_keys: list[str] = []
+        self.shards_written = 0
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    fmt: str = COMPRESSED_TENSORS,
+    learn: bool = True,
+    calib: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    calib_sequences: int = DEFAULT_CALIB_SEQUENCES,
+    calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
+    clip_settings: ClipSearchSettings | None = None,
+    resume: bool = False,
+    keep_bf16: tuple[str, ...] | list[str] | None = None,
+    max_shard_bytes: int = 4 << 30,
+    batch_size: int = 8,
+    num_threads: int | None = None,
+    progress: bool = True,
+    _fail_after_shards: int | None = None,
+) -> dict:
+    """Convert the Hugging Face MoE checkpoint folder ``src`` to a W4A8 checkpoint in ``dst``.
+
+    ``fmt``: ``"compressed-tensors"`` (per-expert activation clip ``alpha`` stored,
+    ``activation_use_clip`` set) or ``"ascendv1"`` (no clip tensor; the learned weight clips
+    are still baked into the scales, and activation clips are not learned since the format
+    cannot carry them). ``learn=False`` gives round-to-nearest with every clip 1. ``calib``:
+    a UTF-8 text file (default: the built-in calibration split), cut into ``calib_sequences``
+    windows of ``calib_seq_len`` tokens; ``tokenizer``: a local tokenizer folder.
+    ``keep_bf16``: module-name regexes left unquantized (default :data:`DEFAULT_KEEP_BF16`; a
+    given list replaces it). ``resume=True`` continues an interrupted conversion into ``dst``
+    with the same settings. ``num_threads`` sets torch's thread count for the run.
+
+    Returns the report (also written to ``dst/conversion_report.json``, without the timing
+    and memory figures, which vary between runs). Raises :class:`ConversionError`,
+    :class:`CheckpointError` or :class:`ConfigError` naming the file or tensor at fault.
+    ``_fail_after_shards`` (testing) raises after that many shards are written in this run.
+    """
+    if fmt not in FORMATS:
+        raise ConversionError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if max_shard_bytes < 1:
+        raise ConversionError("max_shard_bytes must be positive")
+    threads_before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        with torch.no_grad():
+            return _convert(Path(src), Path(dst), fmt, learn, calib, tokenizer, calib_sequences, calib_seq_len,
+                            clip_settings or ClipSearchSettings(), resume,
+                            tuple(DEFAULT_KEEP_BF16 if keep_bf16 is None else keep_bf16), max_shard_bytes,
+                            batch_size, progress, _fail_after_shards)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, calib_sequences: int,
+             calib_seq_len: int, clip_settings: ClipSearchSettings, resume: bool, keep_bf16: tuple[str, ...],
+             max_shard_bytes: int, batch_size: int, progress: bool, fail_after_shards: int | None) -> dict:
+    t_start = time.perf_counter()
+    source = SourceCheckpoint(src)
+    mc = source.model_config
+    names = mc.names
+    policy = LayerPolicy(mc, keep_bf16)
+    dtype = source.compute_dtype()
+    if fmt == ASCENDV1 and learn:
+        # The format has no alpha tensor: an activation clip learned here would be lost.
+        clip_settings = ClipSearchSettings(**{**asdict(clip_settings), "learn_alpha": False})
+
+    ids, calib_info = (None, None)
+    if learn:
+        ids, calib_info = calibration_tokens(source, calib, tokenizer, calib_sequences, calib_seq_len)
+
+    settings = {
+        "converter_version": CONVERTER_VERSION,
+        "format": fmt,
+        "learn": learn,
+        "clip_search": asdict(clip_settings) if learn else None,
+        "calibration": calib_info,
+        "keep_bf16": list(keep_bf16),
+        "max_shard_bytes": max_shard_bytes,
+        "batch_size": batch_size,
+        "source": _source_identity(source),
+        "source_fp8_block": list(source.fp8_block) if source.fp8_block else None,
+    }
+    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    # Units of work: the non-layer tensors, then each decoder layer in order.
+    groups = source.layer_names()
+    units: list[tuple[str, int | None, list[str]]] = [(HEAD_UNIT, None, groups.get(None, []))]
+    units += [(f"layer_{layer}", layer, groups[layer]) for layer in sorted(k for k in groups if k is not None)]
+    has_experts = {layer: (names.expert_weight(layer, 0, "down") + ".weight") in source for _, layer, _ in units
+                   if layer is not None}
+    w4a8_layers = [layer for layer, e in has_experts.items() if policy.w4a8_layer(layer, e)]
+    if not w4a8_layers:
+        raise ConversionError(f"{src}: no routed expert weights found (looked for "
+                              f"'model.layers.L.{names.block}.{names.experts}.E.{names.expert_proj[2]}.weight')")
+    for layer in w4a8_layers:
+        source.check_moe_layer(layer)
+
+    manifest = ProgressManifest(dst, settings_hash)
+    prefix = ascendv1.WEIGHTS_PREFIX if fmt == ASCENDV1 else compressed_tensors.WEIGHTS_PREFIX
+    state = manifest.load_for_resume(f"{prefix}-*.safetensors") if resume else None
+    if not resume:
+        manifest.start_fresh()
+
+    out_config = dict(source.config)
+    out_config.pop("quantization_config", None)
+    out_config[CONFIG_KEY] = {
+        "producer": "w4a8moe convert",
+        "converter_version": CONVERTER_VERSION,
+        "format": fmt,
+        "policy": policy.describe(),
+        "w4a8_moe_layers": w4a8_layers,
+        "learned_clips": learn,
+        "activation_clip": fmt == COMPRESSED_TENSORS,
+        "clip_search": settings["clip_search"],
+        "calibration": calib_info,
+        "source_dtype": "fp8 (block " + "x".join(map(str, source.fp8_block)) + ")" if source.is_fp8 else str(dtype).replace("torch.", ""),
+        "settings_hash": settings_hash,
+    }
+    run = _Run()
+    run.unit_keys = [key for key, _, _ in units]
+
+    def on_flush(fname: str, flushed: list[str]) -> None:
+        run.shards_written += 1
+        done_reports = {k: v for k, v in run.reports.items() if run.unit_keys.index(k) < run.unit}
+        run.hidden_saved_for = manifest.save(
+            weight_map=writer.shards.weight_map, total_bytes=writer.shards.total_bytes, types=writer.types,
+            ignore=writer.ignore, resume_unit=run.unit, reports=done_reports,
+            hidden=run.hidden if (learn and run.unit < len(units)) else None, hidden_unit=run.hidden_saved_for,
+        )
+        if progress:
+            tqdm.write(f"  wrote {fname} ({len(flushed)} tensors)")
+        if fail_after_shards is not None and run.shards_written >= fail_after_shards:
+            raise RuntimeError(f"injected failure after {run.shards_written} shard(s) (testing)")
+
+    writer = CheckpointWriter(dst, out_config, fmt, activation_use_clip=(fmt == COMPRESSED_TENSORS),
+                              max_shard_bytes=max_shard_bytes, on_flush=on_flush)
+    first_unit = 0
+    if state is not None:
+        writer.restore(state["weight_map"], state["total_bytes"], state["types"], state["ignore"])
+        first_unit = int(state["resume_unit"])
+        run.reports = dict(state["reports"])
+
+    runner = LayerRunner(source, dtype, batch_size) if learn else None
+    if learn:
+        run.hidden = manifest.hidden(state) if state is not None else None
+        if run.hidden is None and first_unit <= 1:
+            run.hidden = runner.embed(ids)
+        if run.hidden is None:
+            raise ConversionError(f"{dst}: the progress manifest has no saved hidden states; cannot resume")
+        run.hidden_saved_for = first_unit if state is not None and state.get("hidden_file") else None
+
+    hidden_bytes = 0 if ids is None else ids.numel() * mc.hidden_size * torch.empty((), dtype=dtype).element_size()
+    bar = tqdm(total=len(units), initial=first_unit, desc="convert", unit="unit", disable=not progress)
+    for index in range(first_unit, len(units)):
+        key, layer, unit_names = units[index]
+        run.unit = index
+        bar.set_postfix_str(key)
+        entry, next_hidden = _convert_unit(source, policy, writer, runner, run.hidden, layer, unit_names, fmt,
+                                           layer in w4a8_layers, learn, clip_settings, progress)
+        run.reports[key] = entry
+        if next_hidden is not None:
+            run.hidden = next_hidden
+        bar.update(1)
+    bar.close()
+    run.unit = len(units)
+    copy_files = source.non_weight_files()
+    writer.finish(copy_files, description_metadata={"settings_hash": settings_hash})
+
+    report = {
+        "source_model_type": mc.model_type,
+        "format": fmt,
+        "learned_clips": learn,
+        "settings_hash": settings_hash,
+        "calibration": calib_info,
+        "policy": policy.describe(),
+        "w4a8_moe_layers": w4a8_layers,
+        "units": {k: run.reports[k] for k in run.unit_keys},
+        "copied_files": [p.name for p in copy_files],
+    }
+    from w4a8moe.formats.safetensors_io import atomic_write_json
+
+    atomic_write_json(dst / REPORT_FILE, report)
+    manifest.remove()
+    seconds = time.perf_counter() - t_start
+    source_bytes = source.file_bytes()
+    report["timing"] = {
+        "seconds": seconds,
+        "source_bytes": source_bytes,
+        "source_mb_per_s": source_bytes / 1e6 / seconds if seconds > 0 else None,
+        "resumed_from_unit": first_unit if state is not None else None,
+    }
+    report["memory"] = {
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "largest_source_shard_bytes": source.largest_shard_bytes(),
+        "largest_unit_source_bytes": max(source.source_bytes_of(n) for _, _, n in units),
+        "calibration_hidden_bytes": hidden_bytes,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    return report
+
+
+def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: CheckpointWriter,
+                  runner: LayerRunner | None, hidden: torch.Tensor | None, layer: int | None,
+                  unit_names: list[str], fmt: str, is_w4a8: bool, learn: bool,
+                  clip_settings: ClipSearchSettings, progress: bool) -> tuple[dict, torch.Tensor | None]:
+    """Quantize and queue one unit's tensors; return its report entry and the next hidden states."""
+    mc = source.model_config
+    names = mc.names
+    entry: dict = {"source_tensors": len(unit_names), "source_bytes": source.source_bytes_of(unit_names)}
+    next_hidden = None
+    acts = None
+    if learn and layer is not None and layer < mc.num_hidden_layers:
+        module = runner.build_layer(layer)
+        next_hidden, acts = runner.run(module, hidden, capture_moe=is_w4a8)
+        del module
+    elif learn and layer is not None:
+        entry["note"] = "beyond num_hidden_layers (e.g. an MTP layer): not run on calibration data, clips stay 1"
+
+    block_names: set[str] = set()
+    if is_w4a8:
+        block_prefix = names.layer_prefix(layer) + "."
+        block_names = {n for n in unit_names if n.startswith(block_prefix)}
+        q_layer, moe_entry = _quantize_moe_layer(source, policy, layer, acts if learn else None, clip_settings, progress)
+        tensors = moe_layer_tensors(fmt, mc, layer, q_layer, writer.activation_use_clip)
+        consumed = _consumed_block_names(source, layer)
+        unexpected = sorted(block_names - consumed)
+        if unexpected:
+            raise ConversionError(
+                f"source tensor {unexpected[0]!r} sits in MoE block of layer {layer} but is not part of the "
+                f"{mc.model_type} MoE layout (router, experts, shared expert); a validated W4A8 checkpoint cannot hold it"
+            )
+        for name, (tensor, kind) in tensors.items():
+            writer.add(name, tensor, kind)
+        entry["moe"] = moe_entry
+    w8a8, kept = 0, 0
+    for name in unit_names:
+        if name in block_names:
+            continue
+        info = source.tensors[name]
+        if policy.classify(name, len(info.shape)) == W8A8:
+            writer.add_w8a8_linear(name, source.load_float(name))
+            w8a8 += 1
+        else:
+            tensor = source.load(name)
+            if info.scale_name is not None:
+                tensor = tensor.to(torch.bfloat16)  # FP8 weight kept unquantized: bf16, as upstream
+            writer.add_float(name, tensor)
+            kept += 1
+    entry["w8a8_linears"] = w8a8
+    entry["kept_tensors"] = kept
+    return entry, next_hidden
+
+
+def _consumed_block_names(source: SourceCheckpoint, layer: int) -> set[str]:
+    mc = source.model_config
+    names = mc.names
+    prefix = names.layer_prefix(layer)
+    out = {f"{prefix}.{names.router}.weight"}
+    if mc.routing.method == "noaux_tc":
+        out.add(f"{prefix}.{names.router}.e_score_correction_bias")
+    for e in range(mc.num_experts):
+        for p in EXPERT_PROJECTIONS:
+            out.add(names.expert_weight(layer, e, p) + ".weight")
+    if mc.shared_intermediate_size:
+        for p in EXPERT_PROJECTIONS:
+            out.add(names.shared_weight(layer, p) + ".weight")
+        if names.shared_gate:
+            out.add(f"{prefix}.{names.shared_gate}.weight")
+    return out
+
+
+def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: int, acts,
+                        clip_settings: ClipSearchSettings, progress: bool) -> tuple[QuantizedMoELayer, dict]:
+    """Quantize one MoE block expert by expert (clips learned from ``acts`` when given)."""
+    mc = source.model_config
+    names = mc.names
+    prefix = names.layer_prefix(layer)
+    router = source.load_float(f"{prefix}.{names.router}.weight", torch.bfloat16)
+    correction = None
+    if mc.routing.method == "noaux_tc":
+        correction = source.load_float(f"{prefix}.{names.router}.e_score_correction_bias")
+    shared = None
+    shared_gate = None
+    if mc.shared_intermediate_size:
+        shared = {}
+        for p in EXPERT_PROJECTIONS:
+            base = names.shared_weight(layer, p)
+            w = source.load_float(base + ".weight")
+            # A shared expert matched by a keep-bf16 pattern stays float; otherwise W8A8 (upstream).
+            shared[p] = (w.to(torch.bfloat16), None) if policy.kept_by_pattern(base) else quantize_int8_per_channel(w)
+        if names.shared_gate:
+            shared_gate = source.load_float(f"{prefix}.{names.shared_gate}.weight", torch.bfloat16)
+
+    e_total = mc.num_experts
+    packed = {p: torch.empty((e_total, mc.projection_shape(p)[0] // 2, mc.projection_shape(p)[1]), dtype=torch.int8)
+              for p in EXPERT_PROJECTIONS}
+    scale = {p: torch.empty((e_total, mc.projection_shape(p)[0]), dtype=torch.float32) for p in EXPERT_PROJECTIONS}
+    rtn_packed = {p: torch.empty_like(t) for p, t in packed.items()} if acts is not None else None
+    rtn_scale = {p: torch.empty_like(t) for p, t in scale.items()} if acts is not None else None
+    alpha = torch.ones(e_total, dtype=torch.float32)
+
+    routed_rows: list[torch.Tensor] | None = None
+    if acts is not None:
+        logits = torch.nn.functional.linear(acts.moe_input.to(torch.float32), router.to(torch.float32))
+        _, ids = select_experts(logits, mc.routing, correction)
+        routed_rows = [torch.nonzero((ids == e).any(dim=-1)).reshape(-1) for e in range(e_total)]
+
+    experts_report = []
+    bar = tqdm(range(e_total), desc=f"layer {layer} experts", leave=False, disable=not progress)
+    for e in bar:
+        w = source.load_expert(layer, e)
+        if routed_rows is not None:
+            clips: ExpertClips = learn_expert_clips(acts.moe_input[routed_rows[e]],
+                                                    ExpertWeights(w["gate"], w["up"], w["down"]), clip_settings)
+            weight_clip, alpha[e] = clips.weight_clip, clips.alpha
+            experts_report.append(clips.summary())
+        else:
+            weight_clip = None
+        q = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS},
+                                             weight_clip={p: c[None] for p, c in weight_clip.items()} if weight_clip else None))
+        for p in EXPERT_PROJECTIONS:
+            packed[p][e], scale[p][e] = q.packed[p][0], q.scale[p][0]
+        if rtn_packed is not None:
+            q_rtn = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS}))
+            for p in EXPERT_PROJECTIONS:
+                rtn_packed[p][e], rtn_scale[p][e] = q_rtn.packed[p][0], q_rtn.scale[p][0]
+    bar.close()
+    q_layer = QuantizedMoELayer(router, packed, scale, alpha, correction, shared, shared_gate)
+    entry: dict = {"experts": e_total}
+    if acts is not None:
+        rtn_layer = QuantizedMoELayer(router, rtn_packed, rtn_scale, torch.ones(e_total), correction, shared, shared_gate)
+        reference = acts.moe_output.to(torch.float32)
+        energy = float((reference.to(torch.float64) ** 2).sum())
+
+        def layer_err(q: QuantizedMoELayer) -> float | None:
+            out = W4A8MoE.from_quantized(q, mc.routing)(acts.moe_input).to(torch.float64)
+            return _rel(float(((out - reference.to(torch.float64)) ** 2).sum()), energy)
+
+        entry.update(
+            calibration_tokens=int(acts.moe_input.shape[0]),
+            layer_rel_err_rtn=layer_err(rtn_layer),
+            layer_rel_err_learned=layer_err(q_layer),
+            expert_status={s: sum(1 for r in experts_report if r["status"] == s)
+                           for s in sorted({r["status"] for r in experts_report})},
+            per_expert=experts_report,
+        )
+    return q_layer, entry
+

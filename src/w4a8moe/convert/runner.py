@@ -1,0 +1,186 @@
+"""Run the source model one decoder layer at a time on calibration tokens.
+
+The decoder layer classes are transformers' own (built from ``config.json``, random init on
+the meta device, then filled with this layer's tensors from the source shards), so every
+family's attention, norms and MoE block behave exactly as upstream. Only one layer's weights
+are in memory at a time; the hidden states of all calibration tokens (``[S, T, H]`` in the
+model dtype) are carried in memory from layer to layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from w4a8moe.errors import ConversionError
+from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
+from w4a8moe.convert.source import SourceCheckpoint
+
+_FAMILIES = {
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3"),
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2Moe"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3Moe"),
+    "mixtral": ("mixtral", "Mixtral"),
+    "olmoe": ("olmoe", "Olmoe"),
+}
+_FP32_KEYS = ("e_score_correction_bias",)
+
+
+@dataclass
+class LayerActivations:
+    """What one decoder layer saw and produced on the calibration tokens.
+
+    ``moe_input``/``moe_output``: the MoE block's input and float output ``[S*T, H]`` (model
+    dtype), ``None`` for a dense layer.
+    """
+
+    moe_input: torch.Tensor | None
+    moe_output: torch.Tensor | None
+
+
+def _hf_config(config: dict):
+    from transformers import AutoConfig
+
+    clean = {k: v for k, v in config.items() if k not in ("quantization_config", "w4a8moe")}
+    model_type = clean.pop("model_type")
+    try:
+        hf = AutoConfig.for_model(model_type, **clean)
+    except (ValueError, KeyError) as exc:
+        raise ConversionError(f"transformers cannot build a {model_type!r} config from config.json: {exc}") from exc
+    # Eager attention with an explicit additive mask: deterministic and the same on every family.
+    hf._attn_implementation = "eager"
+    # The plain per-expert loop: transformers' reference expert math, no fused kernels.
+    hf._experts_implementation = "eager"
+    return hf
+
+
+def causal_mask(seq_len: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive mask ``[1, 1, T, T]``: 0 where query ``i`` may see key ``j <= i`` (within ``window``)."""
+    i = torch.arange(seq_len).unsqueeze(1)
+    j = torch.arange(seq_len).unsqueeze(0)
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    mask = torch.zeros(seq_len, seq_len, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class LayerRunner:
+    """Builds one transformers decoder layer at a time from the source and runs it."""
+
+    def __init__(self, source: SourceCheckpoint, dtype: torch.dtype, batch_size: int = 8):
+        self.source = source
+        self.dtype = dtype
+        self.batch_size = batch_size
+        mc = source.model_config
+        if mc.model_type not in _FAMILIES:
+            raise ConversionError(f"no transformers decoder layer known for model_type {mc.model_type!r}")
+        module_name, prefix = _FAMILIES[mc.model_type]
+        try:
+            modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+            self.layer_cls = getattr(modeling, f"{prefix}DecoderLayer")
+            rotary_cls = getattr(modeling, f"{prefix}RotaryEmbedding")
+        except (ImportError, AttributeError) as exc:
+            raise ConversionError(f"this transformers version lacks the {prefix} decoder layer: {exc}") from exc
+        self.hf_config = _hf_config(source.config)
+        self.rotary = rotary_cls(self.hf_config)
+        window = getattr(self.hf_config, "sliding_window", None)
+        self.window = window if (window and getattr(self.hf_config, "use_sliding_window", True)) else None
+
+    # --------------------------------------------------------------- embedding
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[S, T, H]`` of ``ids`` ``[S, T]`` in the model dtype."""
+        weight = self.source.load_float("model.embed_tokens.weight", self.dtype)
+        if int(ids.max()) >= weight.shape[0]:
+            raise ConversionError(
+                f"calibration token id {int(ids.max())} is outside the embedding table ({weight.shape[0]} rows)"
+            )
+        return nn.functional.embedding(ids, weight)
+
+    # --------------------------------------------------------------- one layer
+    def _source_name(self, layer: int, key: str) -> str:
+        block = self.source.model_config.names.block
+        if key.startswith("mlp.") and block != "mlp":
+            key = f"{block}.{key[len('mlp.'):]}"
+        return f"model.layers.{layer}.{key}"
+
+    def build_layer(self, layer: int) -> nn.Module:
+        """The transformers decoder layer ``layer`` holding the source's weights (model dtype)."""
+        mc = self.source.model_config
+        with torch.device("meta"):
+            module = self.layer_cls(self.hf_config, layer)
+        state: dict[str, torch.Tensor] = {}
+        for key, meta in module.state_dict().items():
+            dtype = torch.float32 if any(k in key for k in _FP32_KEYS) else self.dtype
+            if key.endswith("experts.gate_up_proj") or key.endswith("experts.down_proj"):
+                state[key] = self._fused_experts(layer, key, tuple(meta.shape), dtype)
+                continue
+            name = self._source_name(layer, key)
+            tensor = self.source.load_float(name, dtype)
+            if tuple(tensor.shape) != tuple(meta.shape):
+                raise ConversionError(
+                    f"source tensor {name!r} has shape {list(tensor.shape)}; the {mc.model_type} layer expects "
+                    f"{list(meta.shape)}"
+                )
+            state[key] = tensor
+        module.load_state_dict(state, strict=True, assign=True)
+        module.eval()
+        return module
+
+    def _fused_experts(self, layer: int, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """transformers keeps experts fused (``gate_up_proj`` = gate then up along N); the files don't."""
+        names = self.source.model_config.names
+        out = torch.empty(shape, dtype=dtype)
+        projs = ("gate", "up") if key.endswith("gate_up_proj") else ("down",)
+        for expert in range(shape[0]):
+            parts = [self.source.load_float(names.expert_weight(layer, expert, p) + ".weight", dtype) for p in projs]
+            fused = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if tuple(fused.shape) != shape[1:]:
+                raise ConversionError(
+                    f"layer {layer} expert {expert} {'/'.join(projs)} weights have shape {list(fused.shape)}; "
+                    f"the layer expects {list(shape[1:])}"
+                )
+            out[expert] = fused
+        return out
+
+    @torch.no_grad()
+    def run(self, module: nn.Module, hidden: torch.Tensor, capture_moe: bool) -> tuple[torch.Tensor, LayerActivations]:
+        """Run ``module`` on ``hidden`` ``[S, T, H]``; return its output and the MoE block's I/O."""
+        seqs, seq_len, _ = hidden.shape
+        mask = causal_mask(seq_len, self.dtype, self.window)
+        position_ids = torch.arange(seq_len).unsqueeze(0)
+        moe_in: list[torch.Tensor] = []
+        moe_out: list[torch.Tensor] = []
+        handle = None
+        if capture_moe:
+            def hook(_mod, inputs, output):
+                moe_in.append(inputs[0].reshape(-1, inputs[0].shape[-1]).clone())
+                out = output[0] if isinstance(output, tuple) else output
+                moe_out.append(out.reshape(-1, out.shape[-1]).clone())
+
+            handle = module.mlp.register_forward_hook(hook)
+        outputs = []
+        try:
+            for start in range(0, seqs, self.batch_size):
+                chunk = hidden[start : start + self.batch_size]
+                cos_sin = self.rotary(chunk, position_ids)
+                out = module(chunk, attention_mask=mask, position_ids=position_ids.expand(chunk.shape[0], -1),
+                             position_embeddings=cos_sin)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            if handle is not None:
+                handle.remove()
+        acts = LayerActivations(torch.cat(moe_in) if moe_in else None, torch.cat(moe_out) if moe_out else None)
+        return torch.cat(outputs), acts
+
+
+def expert_names(source: SourceCheckpoint, layer: int) -> list[str]:
+    """All routed-expert weight names of ``layer``."""
+    names = source.model_config.names
+    return [names.expert_weight(layer, e, p) + ".weight"
+            for e in range(source.model_config.num_experts) for p in EXPERT_PROJECTIONS]
