@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="*", help="W4A8 checkpoints to compare (either format)")
     parser.add_argument("--label", action="append", default=[], help="display name of each checkpoint, in order")
     parser.add_argument("--text", help="UTF-8 text file to evaluate on (default: the built-in held-out plays)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--seq-len", type=int, default=128,
+                        help="tokens per window (default 128, the context the built-in test model was trained on)")
     parser.add_argument("--num-sequences", type=int, default=32,
                         help="windows to evaluate (default 32; 0 = every full window of the text)")
     parser.add_argument("--batch-size", type=int, default=8)

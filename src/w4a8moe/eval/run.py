@@ -194,7 +194,7 @@ def evaluate(
     labels: list[str] | None = None,
     text: str | None = None,
     text_name: str = "heldout",
-    seq_len: int = 256,
+    seq_len: int = 128,
     num_sequences: int | None = 32,
     batch_size: int = 8,
     w8a8_baseline_model: bool = True,
