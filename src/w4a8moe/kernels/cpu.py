@@ -45,7 +45,7 @@ ISA_FLAGS: dict[str, list[str]] = {
     # Plain AVX2 (vpmaddubsw + vpmaddwd), whatever else the CPU has.
     "avx2-maddubs": ["-march=native", "-mno-avx512f", "-mno-avxvnni"],
 }
-COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx-vnni", 3: "avx512-vnni"}
 
 BLOCK_N = 32
@@ -137,7 +137,6 @@ class KernelLibrary:
         lib = ctypes.CDLL(str(path))
         lib.w4a8_isa.restype = _INT
         lib.w4a8_abi_version.restype = _INT
-        lib.w4a8_openmp.restype = _INT
         lib.w4a8_layout_bytes.restype = _I64
         lib.w4a8_layout_bytes.argtypes = [_I64, _I64]
         lib.w4a8_relayout.restype = None
@@ -151,14 +150,13 @@ class KernelLibrary:
         lib.w4a8_swiglu_clip_quant.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _P, _I64, _I64, _I64, _P, _P, _P,
                                                _INT]
         lib.w4a8_probe_read.restype = _I64
-        lib.w4a8_probe_read.argtypes = [_P, _I64, _INT]
+        lib.w4a8_probe_read.argtypes = [_P, _I64, _INT, _INT]
         lib.w4a8_probe_int8_dot.restype = _I64
-        lib.w4a8_probe_int8_dot.argtypes = [_I64, _INT, _P]
+        lib.w4a8_probe_int8_dot.argtypes = [_I64, _I64, _INT]
         if lib.w4a8_abi_version() != ABI_VERSION:
             raise KernelBuildError(f"{path} has ABI {lib.w4a8_abi_version()}, expected {ABI_VERSION}")
         self.lib = lib
         self.isa = ISA_NAMES[lib.w4a8_isa()]
-        self.openmp = bool(lib.w4a8_openmp())
 
     def check(self, status: int) -> None:
         """Raise :class:`KernelCallError` for a non-zero kernel status."""
@@ -180,11 +178,7 @@ def load_kernel(isa: str = "native") -> KernelLibrary:
     compiler = _compiler()
     if compiler is None:
         raise KernelBuildError("no C compiler found (tried $CC, cc, gcc, clang)")
-    try:
-        path = _compile(compiler, [*COMMON_FLAGS, *ISA_FLAGS[isa], "-fopenmp"])
-    except KernelBuildError:
-        # A compiler without OpenMP still gives a correct, single-threaded kernel.
-        path = _compile(compiler, [*COMMON_FLAGS, *ISA_FLAGS[isa]])
+    path = _compile(compiler, [*COMMON_FLAGS, *ISA_FLAGS[isa]])
     try:
         library = KernelLibrary(path)
     except OSError as exc:

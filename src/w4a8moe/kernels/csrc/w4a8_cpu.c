@@ -20,17 +20,22 @@
  *   per activation row. K is padded to a multiple of 4 and N to a multiple of 32 with
  *   zero weights (nibble 8); padded outputs are never stored.
  *
- * Threading: OpenMP over (expert, 32-channel block) work items, so that a decode call
- * (one row per expert) still streams every weight byte exactly once, split across cores.
+ * Threading: a small persistent pthread pool (below) over (expert, 32-channel block) work
+ * items, so that a decode call (one row per expert) still streams every weight byte exactly
+ * once, split across cores. The calling thread always works; helpers join when they get a
+ * core. A phase only waits for items a helper has actually claimed, never for a helper that
+ * has not been scheduled yet (an OpenMP barrier would, which on a busy machine costs a whole
+ * scheduler time slice per barrier).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <immintrin.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define W4A8_ISA 3
@@ -56,12 +61,148 @@
 int w4a8_isa(void) { return W4A8_ISA; }
 int w4a8_abi_version(void) { return W4A8_ABI_VERSION; }
 
-int w4a8_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
+/* ---- the work pool -------------------------------------------------------------------- */
+
+#define MAX_PHASES 4
+#define MAX_THREADS 256
+#define HELPER_SPIN_NS 50000 /* a helper polls this long for the next job before it sleeps */
+
+typedef struct pool_job pool_job;
+typedef void (*phase_fn)(const pool_job *job, int phase, int64_t begin, int64_t end, int participant);
+
+/* A job: phases run in order, each a range of items handed out in chunks; a participant
+ * enters phase p + 1 only when every item of phase p is done. */
+struct pool_job {
+    int nphases;
+    int max_participants;
+    int64_t total[MAX_PHASES];
+    int64_t chunk[MAX_PHASES];
+    _Atomic int64_t next[MAX_PHASES];
+    _Atomic int64_t done[MAX_PHASES];
+    phase_fn run;
+    const void *args;
+};
+
+static pthread_mutex_t pool_submit_mu = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static _Atomic uint64_t pool_generation;
+static _Atomic(pool_job *) pool_current;
+static _Atomic int pool_active; /* helpers that may be looking at pool_current */
+static int pool_helpers;         /* started helper threads (under pool_submit_mu) */
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void wait_until_done(const pool_job *job, int p) {
+    int spins = 0;
+    while (atomic_load(&((pool_job *)job)->done[p]) < job->total[p]) {
+        _mm_pause();
+        /* The straggler may be waiting for this core: let it run. */
+        if (++spins > 4096) sched_yield();
+    }
+}
+
+static void run_job(pool_job *job, int participant) {
+    for (int p = 0; p < job->nphases; p++) {
+        for (;;) {
+            const int64_t begin = atomic_fetch_add(&job->next[p], job->chunk[p]);
+            if (begin >= job->total[p]) break;
+            const int64_t end = begin + job->chunk[p] < job->total[p] ? begin + job->chunk[p] : job->total[p];
+            job->run(job, p, begin, end, participant);
+            atomic_fetch_add(&job->done[p], end - begin);
+        }
+        wait_until_done(job, p);
+    }
+}
+
+static uint64_t pool_start_generation[MAX_THREADS]; /* written before each helper is created */
+
+static void *helper_main(void *arg) {
+    const int index = (int)(intptr_t)arg; /* participant number, 1.. */
+    /* The generation before the job that created this helper, so that it joins that job. */
+    uint64_t seen = pool_start_generation[index];
+    for (;;) {
+        const int64_t spin_until = now_ns() + HELPER_SPIN_NS;
+        for (int i = 0; atomic_load(&pool_generation) == seen; i++) {
+            _mm_pause();
+            if ((i & 255) == 255 && now_ns() > spin_until) {
+                pthread_mutex_lock(&pool_mu);
+                while (atomic_load(&pool_generation) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+                pthread_mutex_unlock(&pool_mu);
+            }
+        }
+        seen = atomic_load(&pool_generation);
+        /* Announce first, then look: the submitter clears pool_current before it waits for
+         * pool_active to drain, so a job is never touched after its submitter returned. */
+        atomic_fetch_add(&pool_active, 1);
+        pool_job *job = atomic_load(&pool_current);
+        if (job && index < job->max_participants) run_job(job, index);
+        atomic_fetch_sub(&pool_active, 1);
+    }
+    return NULL;
+}
+
+static void pool_after_fork_in_child(void) {
+    /* The helpers do not exist in a forked child: start afresh. */
+    pthread_mutex_init(&pool_submit_mu, NULL);
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
+    atomic_store(&pool_current, NULL);
+    atomic_store(&pool_active, 0);
+    pool_helpers = 0;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork_in_child); }
+
+static void pool_submit(pool_job *job, int nthreads) {
+    nthreads = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    job->max_participants = nthreads;
+    for (int p = 0; p < job->nphases; p++) {
+        atomic_store(&job->next[p], 0);
+        atomic_store(&job->done[p], 0);
+        if (job->chunk[p] < 1) job->chunk[p] = 1;
+    }
+    if (nthreads == 1) {
+        run_job(job, 0);
+        return;
+    }
+    pthread_once(&pool_once, pool_init);
+    pthread_mutex_lock(&pool_submit_mu);
+    while (pool_helpers < nthreads - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool_start_generation[pool_helpers + 1] = atomic_load(&pool_generation);
+        const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)(pool_helpers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break; /* fewer helpers: the job still completes */
+        pool_helpers++;
+    }
+    atomic_store(&pool_current, job);
+    pthread_mutex_lock(&pool_mu);
+    atomic_fetch_add(&pool_generation, 1);
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    run_job(job, 0);
+    atomic_store(&pool_current, NULL);
+    for (int spins = 0; atomic_load(&pool_active) != 0;) {
+        _mm_pause();
+        if (++spins > 4096) sched_yield();
+    }
+    pthread_mutex_unlock(&pool_submit_mu);
+}
+
+static int64_t chunk_for(int64_t items, int nthreads, int64_t per_thread) {
+    /* About `per_thread` chunks per thread: coarse enough to keep weight streams sequential,
+     * fine enough to balance. */
+    const int64_t c = items / ((int64_t)(nthreads < 1 ? 1 : nthreads) * per_thread);
+    return c < 1 ? 1 : c;
 }
 
 static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -78,23 +219,37 @@ static inline uint8_t biased_nibble(const int8_t *packed, int64_t n, int64_t k, 
     return nib ^ 0x08; /* two's complement nibble -> nibble + 8 (mod 16) = unsigned 0..15 */
 }
 
-/* Re-lay one packed [N/2, K] int4 matrix into the blocked VNNI layout described above. */
-void w4a8_relayout(const int8_t *packed, int64_t n, int64_t k, uint8_t *out, int nthreads) {
-    const int64_t nblocks = round_up(n, NBLOCK) / NBLOCK, kq = round_up(k, 4) / 4;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t b = 0; b < nblocks; b++) {
-        uint8_t *dst = out + b * kq * LINE;
-        for (int64_t q = 0; q < kq; q++) {
+typedef struct {
+    const int8_t *packed;
+    int64_t n, k, kq;
+    uint8_t *out;
+} relayout_args;
+
+static void relayout_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const relayout_args *a = (const relayout_args *)job->args;
+    for (int64_t b = begin; b < end; b++) {
+        uint8_t *dst = a->out + b * a->kq * LINE;
+        for (int64_t q = 0; q < a->kq; q++) {
             for (int lane = 0; lane < 16; lane++) {
                 for (int j = 0; j < 4; j++) {
                     const int64_t kk = 4 * q + j;
-                    uint8_t lo = biased_nibble(packed, n, k, b * NBLOCK + lane, kk);
-                    uint8_t hi = biased_nibble(packed, n, k, b * NBLOCK + 16 + lane, kk);
+                    uint8_t lo = biased_nibble(a->packed, a->n, a->k, b * NBLOCK + lane, kk);
+                    uint8_t hi = biased_nibble(a->packed, a->n, a->k, b * NBLOCK + 16 + lane, kk);
                     dst[q * LINE + 4 * lane + j] = (uint8_t)(lo | (hi << 4));
                 }
             }
         }
     }
+}
+
+/* Re-lay one packed [N/2, K] int4 matrix into the blocked VNNI layout described above. */
+void w4a8_relayout(const int8_t *packed, int64_t n, int64_t k, uint8_t *out, int nthreads) {
+    relayout_args args = {packed, n, k, round_up(k, 4) / 4, out};
+    pool_job job = {.nphases = 1, .run = relayout_blocks, .args = &args};
+    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
+    job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
+    pool_submit(&job, nthreads);
 }
 
 /* torch's float -> bfloat16 conversion: round to nearest even, NaN -> 0x7FC0. */
@@ -272,6 +427,31 @@ static inline int32_t copy_row_padded(const int8_t *src, int64_t k, int8_t *dst,
     return sum;
 }
 
+typedef struct {
+    const uint8_t *wl;
+    int64_t n, kq, m;
+    const int8_t *xp;
+    const int32_t *xsum;
+    const float *xscale, *wscale;
+    int32_t *out_i32;
+    uint16_t *out_bf16;
+} gemm_args;
+
+#if W4A8_ISA != 0
+static void gemm_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const gemm_args *a = (const gemm_args *)job->args;
+    for (int64_t b = begin; b < end; b++) {
+        block_job bj = {a->wl + b * a->kq * LINE, a->kq, a->xp, 4 * a->kq, a->xsum, a->xscale,
+                        a->wscale ? a->wscale + b * NBLOCK : NULL,
+                        (a->n - b * NBLOCK) < NBLOCK ? (a->n - b * NBLOCK) : NBLOCK,
+                        a->out_i32 ? a->out_i32 + b * NBLOCK : NULL, a->out_bf16 ? a->out_bf16 + b * NBLOCK : NULL,
+                        a->n};
+        run_block_job(&bj, a->m);
+    }
+}
+#endif
+
 /*
  * One matrix: out[m, n] for m rows of x [M, ldx] (K valid columns) against one re-laid
  * weight matrix. Exact int32 into out_i32 when it is not NULL, else bf16 scaled by
@@ -286,7 +466,7 @@ int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t 
     return W4A8_ERR_NO_SIMD;
 #else
     if (m == 0) return W4A8_OK;
-    const int64_t kp = round_up(k, 4), kq = kp / 4, nblocks = round_up(n, NBLOCK) / NBLOCK;
+    const int64_t kp = round_up(k, 4);
     int8_t *xp = (int8_t *)malloc((size_t)(m * kp) + 64);
     int32_t *xsum = (int32_t *)malloc((size_t)m * sizeof(int32_t));
     if (!xp || !xsum) {
@@ -295,13 +475,11 @@ int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t 
         return W4A8_ERR_OVERFLOW;
     }
     for (int64_t r = 0; r < m; r++) xsum[r] = copy_row_padded(x + r * ldx, k, xp + r * kp, kp);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t b = 0; b < nblocks; b++) {
-        block_job job = {wl + b * kq * LINE, kq, xp, kp, xsum, xscale, wscale_padded + b * NBLOCK,
-                         (n - b * NBLOCK) < NBLOCK ? (n - b * NBLOCK) : NBLOCK,
-                         out_i32 ? out_i32 + b * NBLOCK : NULL, out_bf16 ? out_bf16 + b * NBLOCK : NULL, n};
-        run_block_job(&job, m);
-    }
+    gemm_args args = {wl, n, kp / 4, m, xp, xsum, xscale, wscale_padded, out_i32, out_bf16};
+    pool_job job = {.nphases = 1, .run = gemm_blocks, .args = &args};
+    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
+    job.chunk[0] = chunk_for(job.total[0], nthreads, 8);
+    pool_submit(&job, nthreads);
     free(xp);
     free(xsum);
     return W4A8_OK;
@@ -371,34 +549,110 @@ static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t int
     *hsum = sum;
 }
 
+typedef struct {
+    const uint16_t *gu;
+    int64_t rows, inter;
+    float alpha;
+    const float *silu_vec, *silu_scalar;
+    int64_t vec_block, torch_threads, grain;
+    float *h;
+    int8_t *hq;
+    float *hscale;
+} swiglu_args;
+
+static void swiglu_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const swiglu_args *a = (const swiglu_args *)job->args;
+    for (int64_t r = begin; r < end; r++) {
+        int32_t sum;
+        swiglu_clip_quant_row(a->gu + r * 2 * a->inter, a->inter, a->inter, a->alpha, a->silu_vec, a->silu_scalar,
+                              a->vec_block, r, a->rows, a->torch_threads, a->grain, a->h + r * a->inter,
+                              a->hq + r * a->inter, a->hscale + r, &sum);
+    }
+}
+
 /*
  * The SwiGLU-clip-quant step alone over `rows` rows of one expert (a test entry): bf16
- * gate|up [rows, 2*inter] -> h fp32 [rows, inter] (optional), h_q int8 [rows, inter], c [rows].
+ * gate|up [rows, 2*inter] -> h fp32 [rows, inter], h_q int8 [rows, inter], c [rows].
  */
 int w4a8_swiglu_clip_quant(const uint16_t *gu, int64_t rows, int64_t inter, float alpha, const float *silu_vec,
                            const float *silu_scalar, int64_t vec_block, int64_t torch_threads, int64_t grain,
                            float *h_out, int8_t *hq, float *hscale, int nthreads) {
-    float *scratch = NULL;
-    if (!h_out) {
-        scratch = (float *)malloc((size_t)(rows > 0 ? rows : 1) * (size_t)inter * sizeof(float) + 64);
-        if (!scratch) return W4A8_ERR_OVERFLOW;
-    }
-    float *h = h_out ? h_out : scratch;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t r = 0; r < rows; r++) {
-        int32_t sum;
-        swiglu_clip_quant_row(gu + r * 2 * inter, inter, inter, alpha, silu_vec, silu_scalar, vec_block, r, rows,
-                              torch_threads, grain, h + r * inter, hq + r * inter, hscale + r, &sum);
-    }
-    free(scratch);
+    swiglu_args args = {gu, rows, inter, alpha, silu_vec, silu_scalar, vec_block, torch_threads, grain,
+                        h_out, hq, hscale};
+    pool_job job = {.nphases = 1, .run = swiglu_rows, .args = &args};
+    job.total[0] = rows;
+    job.chunk[0] = chunk_for(rows, nthreads, 4);
+    pool_submit(&job, nthreads);
     return W4A8_OK;
 }
+
+typedef struct {
+    const uint8_t *w13, *w2;
+    const float *w13_scale, *w2_scale;
+    int64_t num_experts, hidden, inter, n1, hp, ip, kq1, kq2, nb1, nb2, w13_stride, w2_stride;
+    const int8_t *x_q;
+    const float *x_scale;
+    const int64_t *token_ids, *offsets, *active;
+    const float *alpha, *silu_vec, *silu_scalar;
+    int64_t vec_block, torch_threads, grain;
+    int8_t *xg, *hq;
+    uint16_t *gu, *out;
+    float *hbuf, *xs, *hs;
+    int32_t *xsum, *hsum;
+} moe_args;
+
+enum { PHASE_GATHER, PHASE_GMM1, PHASE_SWIGLU, PHASE_GMM2 };
+
+#if W4A8_ISA != 0
+static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    const moe_args *a = (const moe_args *)job->args;
+    if (phase == PHASE_GATHER) {
+        for (int64_t r = begin; r < end; r++) {
+            const int64_t t = a->token_ids[r];
+            a->xsum[r] = copy_row_padded(a->x_q + t * a->hidden, a->hidden, a->xg + r * a->hp, a->hp);
+            a->xs[r] = a->x_scale[t];
+        }
+    } else if (phase == PHASE_GMM1) {
+        for (int64_t it = begin; it < end; it++) {
+            const int64_t e = a->active[it / a->nb1], b = it % a->nb1, r0 = a->offsets[e];
+            block_job bj = {a->w13 + e * a->w13_stride + b * a->kq1 * LINE, a->kq1, a->xg + r0 * a->hp, a->hp,
+                            a->xsum + r0, a->xs + r0, a->w13_scale + e * a->nb1 * NBLOCK + b * NBLOCK,
+                            (a->n1 - b * NBLOCK) < NBLOCK ? (a->n1 - b * NBLOCK) : NBLOCK, NULL,
+                            a->gu + r0 * a->n1 + b * NBLOCK, a->n1};
+            run_block_job(&bj, a->offsets[e + 1] - r0);
+        }
+    } else if (phase == PHASE_SWIGLU) {
+        float *h = a->hbuf + (int64_t)participant * a->inter;
+        for (int64_t r = begin; r < end; r++) {
+            /* r's expert: binary search over the offsets. */
+            int64_t lo = 0, hi = a->num_experts;
+            while (hi - lo > 1) {
+                const int64_t mid = (lo + hi) / 2;
+                if (a->offsets[mid] <= r) lo = mid; else hi = mid;
+            }
+            swiglu_clip_quant_row(a->gu + r * a->n1, a->inter, a->ip, a->alpha[lo], a->silu_vec, a->silu_scalar,
+                                  a->vec_block, r - a->offsets[lo], a->offsets[lo + 1] - a->offsets[lo],
+                                  a->torch_threads, a->grain, h, a->hq + r * a->ip, a->hs + r, a->hsum + r);
+        }
+    } else {
+        for (int64_t it = begin; it < end; it++) {
+            const int64_t e = a->active[it / a->nb2], b = it % a->nb2, r0 = a->offsets[e];
+            block_job bj = {a->w2 + e * a->w2_stride + b * a->kq2 * LINE, a->kq2, a->hq + r0 * a->ip, a->ip,
+                            a->hsum + r0, a->hs + r0, a->w2_scale + e * a->nb2 * NBLOCK + b * NBLOCK,
+                            (a->hidden - b * NBLOCK) < NBLOCK ? (a->hidden - b * NBLOCK) : NBLOCK, NULL,
+                            a->out + r0 * a->hidden + b * NBLOCK, a->hidden};
+            run_block_job(&bj, a->offsets[e + 1] - r0);
+        }
+    }
+}
+#endif
 
 /*
  * The grouped expert path. Rows r in [offsets[e], offsets[e+1]) belong to expert e and read
  * token token_ids[r] of x_q [M, H]; out is bf16 [R, H]. Scratch buffers are supplied by the
- * caller (sizes in w4a8_moe_scratch_bytes order): xg [R, Hp] int8, gu [R, 2I] bf16,
- * hq [R, Ip] int8, h [nthreads, I] fp32, xsum/hsum [R] int32, xs/hs [R] fp32.
+ * caller: xg [R, Hp] int8, gu [R, 2I] bf16, hq [R, Ip] int8, h [nthreads, I] fp32,
+ * xsum/hsum [R] int32, xs/hs [R] fp32 (Hp, Ip: H, I rounded up to a multiple of 4).
  */
 int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *w2, const float *w2_scale,
                      int64_t num_experts, int64_t hidden, int64_t inter, const int8_t *x_q, const float *x_scale,
@@ -413,14 +667,10 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     (void)hbuf; (void)xsum; (void)hsum; (void)xs; (void)hs; (void)out; (void)nthreads;
     return W4A8_ERR_NO_SIMD;
 #else
-    const int64_t n1 = 2 * inter, hp = round_up(hidden, 4), ip = round_up(inter, 4);
-    const int64_t kq1 = hp / 4, kq2 = ip / 4;
-    const int64_t nb1 = round_up(n1, NBLOCK) / NBLOCK, nb2 = round_up(hidden, NBLOCK) / NBLOCK;
-    const int64_t w13_stride = nb1 * kq1 * LINE, w2_stride = nb2 * kq2 * LINE;
-    const int64_t rows = offsets[num_experts];
     if (offsets[0] != 0) return W4A8_ERR_OFFSETS;
     for (int64_t e = 0; e < num_experts; e++)
         if (offsets[e + 1] < offsets[e]) return W4A8_ERR_OFFSETS;
+    const int64_t rows = offsets[num_experts];
     for (int64_t r = 0; r < rows; r++)
         if (token_ids[r] < 0 || token_ids[r] >= num_tokens) return W4A8_ERR_TOKEN_ID;
     if (rows == 0) return W4A8_OK;
@@ -431,56 +681,30 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     int64_t nact = 0;
     for (int64_t e = 0; e < num_experts; e++)
         if (offsets[e + 1] > offsets[e]) active[nact++] = e;
-    const int64_t items1 = nact * nb1, items2 = nact * nb2;
-    /* Chunks of consecutive blocks keep each thread's weight stream long and sequential. */
-    int64_t chunk1 = items1 / (16 * (int64_t)nthreads), chunk2 = items2 / (16 * (int64_t)nthreads);
-    chunk1 = chunk1 < 1 ? 1 : chunk1;
-    chunk2 = chunk2 < 1 ? 1 : chunk2;
 
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t t = token_ids[r];
-            xsum[r] = copy_row_padded(x_q + t * hidden, hidden, xg + r * hp, hp);
-            xs[r] = x_scale[t];
-        }
-#pragma omp for schedule(dynamic, chunk1)
-        for (int64_t it = 0; it < items1; it++) {
-            const int64_t e = active[it / nb1], b = it % nb1, r0 = offsets[e];
-            block_job job = {w13 + e * w13_stride + b * kq1 * LINE, kq1, xg + r0 * hp, hp, xsum + r0, xs + r0,
-                             w13_scale + e * nb1 * NBLOCK + b * NBLOCK,
-                             (n1 - b * NBLOCK) < NBLOCK ? (n1 - b * NBLOCK) : NBLOCK, NULL,
-                             gu + r0 * n1 + b * NBLOCK, n1};
-            run_block_job(&job, offsets[e + 1] - r0);
-        }
-#ifdef _OPENMP
-        float *h = hbuf + (int64_t)omp_get_thread_num() * inter;
-#else
-        float *h = hbuf;
-#endif
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            /* Find r's expert by binary search over the offsets. */
-            int64_t lo = 0, hi = num_experts;
-            while (hi - lo > 1) {
-                const int64_t mid = (lo + hi) / 2;
-                if (offsets[mid] <= r) lo = mid; else hi = mid;
-            }
-            swiglu_clip_quant_row(gu + r * n1, inter, ip, alpha[lo], silu_vec, silu_scalar, vec_block,
-                                  r - offsets[lo], offsets[lo + 1] - offsets[lo], torch_threads, grain, h,
-                                  hq + r * ip, hs + r, hsum + r);
-        }
-#pragma omp for schedule(dynamic, chunk2)
-        for (int64_t it = 0; it < items2; it++) {
-            const int64_t e = active[it / nb2], b = it % nb2, r0 = offsets[e];
-            block_job job = {w2 + e * w2_stride + b * kq2 * LINE, kq2, hq + r0 * ip, ip, hsum + r0, hs + r0,
-                             w2_scale + e * nb2 * NBLOCK + b * NBLOCK,
-                             (hidden - b * NBLOCK) < NBLOCK ? (hidden - b * NBLOCK) : NBLOCK, NULL,
-                             out + r0 * hidden + b * NBLOCK, hidden};
-            run_block_job(&job, offsets[e + 1] - r0);
-        }
-    }
+    moe_args a;
+    a.w13 = w13; a.w2 = w2; a.w13_scale = w13_scale; a.w2_scale = w2_scale;
+    a.num_experts = num_experts; a.hidden = hidden; a.inter = inter;
+    a.n1 = 2 * inter; a.hp = round_up(hidden, 4); a.ip = round_up(inter, 4);
+    a.kq1 = a.hp / 4; a.kq2 = a.ip / 4;
+    a.nb1 = round_up(a.n1, NBLOCK) / NBLOCK; a.nb2 = round_up(hidden, NBLOCK) / NBLOCK;
+    a.w13_stride = a.nb1 * a.kq1 * LINE; a.w2_stride = a.nb2 * a.kq2 * LINE;
+    a.x_q = x_q; a.x_scale = x_scale; a.token_ids = token_ids; a.offsets = offsets; a.active = active;
+    a.alpha = alpha; a.silu_vec = silu_vec; a.silu_scalar = silu_scalar;
+    a.vec_block = vec_block; a.torch_threads = torch_threads; a.grain = grain;
+    a.xg = xg; a.hq = hq; a.gu = gu; a.out = out; a.hbuf = hbuf; a.xs = xs; a.hs = hs; a.xsum = xsum; a.hsum = hsum;
+
+    pool_job job = {.nphases = 4, .run = moe_phase, .args = &a};
+    job.total[PHASE_GATHER] = rows;
+    job.chunk[PHASE_GATHER] = chunk_for(rows, nthreads, 2);
+    job.total[PHASE_GMM1] = nact * a.nb1;
+    /* Chunks of consecutive blocks keep each thread's weight stream long and sequential. */
+    job.chunk[PHASE_GMM1] = chunk_for(job.total[PHASE_GMM1], nthreads, 16);
+    job.total[PHASE_SWIGLU] = rows;
+    job.chunk[PHASE_SWIGLU] = chunk_for(rows, nthreads, 4);
+    job.total[PHASE_GMM2] = nact * a.nb2;
+    job.chunk[PHASE_GMM2] = chunk_for(job.total[PHASE_GMM2], nthreads, 16);
+    pool_submit(&job, nthreads);
     free(active);
     return W4A8_OK;
 #endif
@@ -488,63 +712,99 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
 
 /* ---- probes for the benchmark: what the machine can stream and multiply ---- */
 
-/* Read `bytes` (a multiple of 256) once with wide loads; returns a value that depends on every line. */
-int64_t w4a8_probe_read(const uint8_t *buf, int64_t bytes, int nthreads) {
+typedef struct {
+    const uint8_t *buf;
+    int64_t iters;
+    int64_t results[MAX_THREADS];
+} probe_args;
+
+static void probe_read_lines(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase;
+    probe_args *a = (probe_args *)job->args;
     int64_t total = 0;
-    const int64_t lines = bytes / 256;
-#pragma omp parallel for schedule(static) reduction(^ : total) num_threads(nthreads)
-    for (int64_t i = 0; i < lines; i++) {
-        const uint8_t *p = buf + i * 256;
+    for (int64_t i = begin; i < end; i++) {
+        const uint8_t *p = a->buf + i * 256;
+        if (a->iters) { /* software prefetch as the kernel does, 4 KiB ahead */
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 4096 + 64 * j), _MM_HINT_T0);
+        }
 #if W4A8_ISA == 3
-        __m512i a = _mm512_xor_si512(_mm512_loadu_si512((const void *)p), _mm512_loadu_si512((const void *)(p + 64)));
-        __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void *)(p + 128)),
+        __m512i x = _mm512_xor_si512(_mm512_loadu_si512((const void *)p), _mm512_loadu_si512((const void *)(p + 64)));
+        __m512i y = _mm512_xor_si512(_mm512_loadu_si512((const void *)(p + 128)),
                                      _mm512_loadu_si512((const void *)(p + 192)));
-        total ^= (int64_t)_mm512_reduce_or_epi64(_mm512_xor_si512(a, b)) ^ i;
+        total ^= (int64_t)_mm512_reduce_or_epi64(_mm512_xor_si512(x, y)) ^ i;
 #elif W4A8_ISA >= 1
-        __m256i a = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) a = _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i *)(p + 32 * j)));
-        total ^= _mm256_extract_epi64(a, 0) ^ _mm256_extract_epi64(a, 3) ^ i;
+        __m256i x = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) x = _mm256_xor_si256(x, _mm256_loadu_si256((const __m256i *)(p + 32 * j)));
+        total ^= _mm256_extract_epi64(x, 0) ^ _mm256_extract_epi64(x, 3) ^ i;
 #else
         int64_t v = 0;
         for (int j = 0; j < 32; j++) { int64_t t; memcpy(&t, p + 8 * j, 8); v ^= t; }
         total ^= v ^ i;
 #endif
     }
+    a->results[participant] ^= total;
+}
+
+/* Read `bytes` (a multiple of 256) once with wide loads, with or without software prefetch;
+ * returns a value that depends on every line. */
+int64_t w4a8_probe_read(const uint8_t *buf, int64_t bytes, int prefetch, int nthreads) {
+    probe_args *a = (probe_args *)calloc(1, sizeof(probe_args));
+    if (!a) return 0;
+    a->buf = buf;
+    a->iters = prefetch;
+    pool_job job = {.nphases = 1, .run = probe_read_lines, .args = a};
+    job.total[0] = bytes / 256;
+    job.chunk[0] = chunk_for(job.total[0], nthreads, 16);
+    pool_submit(&job, nthreads);
+    int64_t total = 0;
+    for (int i = 0; i < MAX_THREADS; i++) total ^= a->results[i];
+    free(a);
     return total;
 }
 
-/* Register-only u8 x s8 dot products; returns the number of multiply-adds done (2 ops each). */
-int64_t w4a8_probe_int8_dot(int64_t iters, int nthreads, int32_t *sink) {
-    int64_t macs = 0;
-#pragma omp parallel num_threads(nthreads) reduction(+ : macs)
-    {
+static void probe_dot_chunks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase;
+    probe_args *a = (probe_args *)job->args;
+    const int64_t iters = (end - begin) * a->iters;
 #if W4A8_ISA == 3
-        __m512i acc[16];
-        const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-5);
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
-        for (int64_t it = 0; it < iters; it++)
-            for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
-        __m512i s = acc[0];
-        for (int i = 1; i < 16; i++) s = _mm512_add_epi32(s, acc[i]);
-        const int32_t folded = _mm512_reduce_add_epi32(s);
-#pragma omp atomic
-        sink[0] += folded;
-        macs += iters * 16 * 64;
+    __m512i acc[16];
+    const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-5);
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], x, y);
+    __m512i s = acc[0];
+    for (int i = 1; i < 16; i++) s = _mm512_add_epi32(s, acc[i]);
+    a->results[participant] += _mm512_reduce_add_epi32(s);
 #elif W4A8_ISA >= 1
-        __m256i acc[8];
-        const __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-5);
-        for (int i = 0; i < 8; i++) acc[i] = _mm256_set1_epi32(i);
-        for (int64_t it = 0; it < iters; it++)
-            for (int i = 0; i < 8; i++) acc[i] = dot_u8s8(acc[i], a, b);
-        __m256i s = acc[0];
-        for (int i = 1; i < 8; i++) s = _mm256_add_epi32(s, acc[i]);
-        const int32_t folded = _mm256_extract_epi32(s, 0);
-#pragma omp atomic
-        sink[0] += folded;
-        macs += iters * 8 * 32;
+    __m256i acc[8];
+    const __m256i x = _mm256_set1_epi8(3), y = _mm256_set1_epi8(-5);
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_set1_epi32(i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 8; i++) acc[i] = dot_u8s8(acc[i], x, y);
+    __m256i s = acc[0];
+    for (int i = 1; i < 8; i++) s = _mm256_add_epi32(s, acc[i]);
+    a->results[participant] += _mm256_extract_epi32(s, 0);
 #else
-        (void)iters; (void)sink;
+    (void)iters; (void)participant;
 #endif
-    }
-    return macs;
+}
+
+/* Register-only u8 x s8 dot products in `chunks` chunks of `iters` iterations, shared by the
+ * threads; returns the number of multiply-adds done (2 ops each). */
+int64_t w4a8_probe_int8_dot(int64_t chunks, int64_t iters, int nthreads) {
+    probe_args *a = (probe_args *)calloc(1, sizeof(probe_args));
+    if (!a) return 0;
+    a->iters = iters;
+    pool_job job = {.nphases = 1, .run = probe_dot_chunks, .args = a};
+    job.total[0] = chunks;
+    job.chunk[0] = 1;
+    pool_submit(&job, nthreads);
+    free(a);
+#if W4A8_ISA == 3
+    return chunks * iters * 16 * 64;
+#elif W4A8_ISA >= 1
+    return chunks * iters * 8 * 32;
+#else
+    return 0;
+#endif
 }
