@@ -42,6 +42,7 @@ CONVERTER_VERSION = 1
 DEFAULT_CALIB_SEQUENCES = 32
 DEFAULT_CALIB_SEQ_LEN = 256
 HEAD_UNIT = "non_layer"
+EVAL_BACKEND = "reference"
 
 
 def _peak_rss_bytes() -> int:
@@ -451,7 +452,8 @@ def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: in
         energy = float((reference.to(torch.float64) ** 2).sum())
 
         def layer_err(q: QuantizedMoELayer) -> float | None:
-            out = W4A8MoE.from_quantized(q, mc.routing)(acts.moe_input).to(torch.float64)
+            # The reference backend: exact by construction and the same on every machine.
+            out = W4A8MoE.from_quantized(q, mc.routing, backend=EVAL_BACKEND)(acts.moe_input).to(torch.float64)
             return _rel(float(((out - reference.to(torch.float64)) ** 2).sum()), energy)
 
         entry.update(
