@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-w8a8", action="store_true", help="skip the W8A8 (int8 experts) baseline")
     parser.add_argument("--no-rtn", action="store_true", help="skip the W4A8 round-to-nearest baseline")
+    parser.add_argument("--rtn", help="an existing round-to-nearest W4A8 checkpoint to use as that baseline "
+                        "(default: convert the source with learn=False)")
     parser.add_argument("--no-alpha-variants", action="store_true",
                         help="skip the apply_alpha=False rows of checkpoints with activation clips")
     parser.add_argument("--work-dir", help="where to write the RTN baseline checkpoint (default: a temporary folder)")
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         w8a8_baseline_model=not args.no_w8a8,
         rtn_baseline=not args.no_rtn,
+        rtn_checkpoint=args.rtn,
         no_alpha_variants=not args.no_alpha_variants,
         work_dir=args.work_dir,
         backend=args.backend,

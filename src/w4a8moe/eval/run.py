@@ -199,6 +199,7 @@ def evaluate(
     batch_size: int = 8,
     w8a8_baseline_model: bool = True,
     rtn_baseline: bool = True,
+    rtn_checkpoint: str | Path | None = None,
     no_alpha_variants: bool = True,
     work_dir: str | Path | None = None,
     backend: str | None = None,
@@ -207,8 +208,8 @@ def evaluate(
     """Evaluate W4A8 ``checkpoints`` (and the baselines) against the model in ``source_dir``.
 
     ``text`` defaults to the built-in held-out split (never used for training or
-    calibration). The round-to-nearest baseline is written under ``work_dir`` (default: a
-    temporary folder, removed afterwards). Returns the report dict (also what the command
+    calibration). The round-to-nearest baseline is ``rtn_checkpoint`` when given, else it is
+    written under ``work_dir`` (default: a temporary folder, removed afterwards). Returns the report dict (also what the command
     writes as JSON): settings and one row per model.
     """
     source_dir = Path(source_dir)
@@ -230,7 +231,11 @@ def evaluate(
     temp_dir = None
     rtn_builder = None
     try:
-        if rtn_baseline:
+        if rtn_baseline and rtn_checkpoint is not None:
+            rtn_builder = "given"
+            models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_checkpoint, backend=backend),
+                                    str(rtn_checkpoint), True))
+        elif rtn_baseline:
             root = Path(work_dir) if work_dir is not None else Path(temp_dir := tempfile.mkdtemp(prefix="w4a8moe-eval-"))
             rtn_path = root / "w4a8-rtn"
             if rtn_path.exists():
