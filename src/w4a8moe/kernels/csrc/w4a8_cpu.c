@@ -302,6 +302,13 @@ static inline __m256i bf16_rne_512(__m512 f) {
     return _mm512_cvtepi32_epi16(r);
 }
 
+/* acc += u8 w . s8 x (vpdpbusd). Written as asm because GCC's intrinsic does not tie the
+ * accumulator to the destination register and copies every accumulator on every use. */
+static inline __attribute__((always_inline)) __m512i dpbusd_512(__m512i acc, __m512i w_u8, __m512i x_s8) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w_u8), "v"(x_s8));
+    return acc;
+}
+
 static inline __attribute__((always_inline)) void tile_512(const block_job *job, int64_t r0, const int mr) {
     __m512i acc[MR][2];
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -316,8 +323,8 @@ static inline __attribute__((always_inline)) void tile_512(const block_job *job,
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
         for (int i = 0; i < mr; i++) {
             const __m512i xb = _mm512_set1_epi32(load_i32(x + i * ldx + 4 * q));
-            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], lo, xb);
-            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], hi, xb);
+            acc[i][0] = dpbusd_512(acc[i][0], lo, xb);
+            acc[i][1] = dpbusd_512(acc[i][1], hi, xb);
         }
     }
     const __mmask16 mask0 = job->nvalid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << job->nvalid) - 1);
@@ -722,26 +729,35 @@ static void probe_read_lines(const pool_job *job, int phase, int64_t begin, int6
     (void)phase;
     probe_args *a = (probe_args *)job->args;
     int64_t total = 0;
+#if W4A8_ISA == 3
+    __m512i x0 = _mm512_setzero_si512(), x1 = x0, x2 = x0, x3 = x0;
     for (int64_t i = begin; i < end; i++) {
         const uint8_t *p = a->buf + i * 256;
-        if (a->iters) { /* software prefetch as the kernel does, 4 KiB ahead */
+        if (a->iters) /* software prefetch, 4 KiB ahead */
             for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 4096 + 64 * j), _MM_HINT_T0);
-        }
-#if W4A8_ISA == 3
-        __m512i x = _mm512_xor_si512(_mm512_loadu_si512((const void *)p), _mm512_loadu_si512((const void *)(p + 64)));
-        __m512i y = _mm512_xor_si512(_mm512_loadu_si512((const void *)(p + 128)),
-                                     _mm512_loadu_si512((const void *)(p + 192)));
-        total ^= (int64_t)_mm512_reduce_or_epi64(_mm512_xor_si512(x, y)) ^ i;
-#elif W4A8_ISA >= 1
-        __m256i x = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) x = _mm256_xor_si256(x, _mm256_loadu_si256((const __m256i *)(p + 32 * j)));
-        total ^= _mm256_extract_epi64(x, 0) ^ _mm256_extract_epi64(x, 3) ^ i;
-#else
-        int64_t v = 0;
-        for (int j = 0; j < 32; j++) { int64_t t; memcpy(&t, p + 8 * j, 8); v ^= t; }
-        total ^= v ^ i;
-#endif
+        x0 = _mm512_xor_si512(x0, _mm512_loadu_si512((const void *)p));
+        x1 = _mm512_xor_si512(x1, _mm512_loadu_si512((const void *)(p + 64)));
+        x2 = _mm512_xor_si512(x2, _mm512_loadu_si512((const void *)(p + 128)));
+        x3 = _mm512_xor_si512(x3, _mm512_loadu_si512((const void *)(p + 192)));
     }
+    total = (int64_t)_mm512_reduce_or_epi64(_mm512_xor_si512(_mm512_xor_si512(x0, x1), _mm512_xor_si512(x2, x3)));
+#elif W4A8_ISA >= 1
+    __m256i x0 = _mm256_setzero_si256(), x1 = x0;
+    for (int64_t i = begin; i < end; i++) {
+        const uint8_t *p = a->buf + i * 256;
+        if (a->iters)
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 4096 + 64 * j), _MM_HINT_T0);
+        for (int j = 0; j < 8; j += 2) {
+            x0 = _mm256_xor_si256(x0, _mm256_loadu_si256((const __m256i *)(p + 32 * j)));
+            x1 = _mm256_xor_si256(x1, _mm256_loadu_si256((const __m256i *)(p + 32 * j + 32)));
+        }
+    }
+    x0 = _mm256_xor_si256(x0, x1);
+    total = _mm256_extract_epi64(x0, 0) ^ _mm256_extract_epi64(x0, 3);
+#else
+    for (int64_t i = begin; i < end; i++)
+        for (int j = 0; j < 32; j++) { int64_t t; memcpy(&t, a->buf + i * 256 + 8 * j, 8); total ^= t; }
+#endif
     a->results[participant] ^= total;
 }
 
@@ -771,7 +787,7 @@ static void probe_dot_chunks(const pool_job *job, int phase, int64_t begin, int6
     const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-5);
     for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
     for (int64_t it = 0; it < iters; it++)
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], x, y);
+        for (int i = 0; i < 16; i++) acc[i] = dpbusd_512(acc[i], x, y);
     __m512i s = acc[0];
     for (int i = 1; i < 16; i++) s = _mm512_add_epi32(s, acc[i]);
     a->results[participant] += _mm512_reduce_add_epi32(s);

@@ -1,0 +1,437 @@
+"""Benchmark: the native CPU W4A8 expert path against torch baselines, with machine probes.
+
+Run ``python bench/bench_cpu_moe.py`` (``--quick`` for a short run). In one run it measures
+
+* the machine's DRAM read bandwidth (a read probe over a buffer larger than 1 GB, so not the
+  cache) and its int8 dot-product throughput (a register-only ``vpdpbusd`` probe);
+* the routed-expert path of one MoE layer with DeepSeek-V3 expert shapes (H=7168, I=2048;
+  32 experts, top-8) at M = 1, 8, 64, 512 tokens for
+  - ``w4a8-cpu``: this package's native kernel (``get_backend("cpu")``);
+  - ``bf16`` / ``fp32``: torch matmuls on the dequantized weights, unquantized activations;
+  - ``w8a8-int_mm``: ``torch._int_mm`` on the same integer weights held as int8, per-token int8
+    activations, the same SwiGLU-clip-quant between the two GEMMs;
+  - ``int4pack``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (int4 weights, bf16
+    activations, per-channel scales repeated over groups of 256);
+  - ``reference``: this package's exact torch backend (small M only, it is slow).
+
+Decode runs (M = 1, 8) rotate over several copies of the expert set (layers) and over disjoint
+routings, so that every timed call reads its weights from DRAM, not from the cache. All
+implementations get the same routed rows; routing itself is not timed. The table gives best
+and median time per call over the repeats, the speed-up of the native kernel over each
+baseline, effective GB/s of packed int4 weight bytes (decode) and TOP/s (prefill), each as a
+fraction of the probes. ``os.getloadavg()`` is printed before and after: the figures are only
+as good as the machine was quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from w4a8moe.kernels import PackedExpertWeights, get_backend
+from w4a8moe.quant import dynamic_quant_per_token, swiglu_clip_quant, unpack_int4_pairs
+
+HIDDEN, INTER, EXPERTS, TOP_K = 7168, 2048, 32, 8
+GIB = 1024**3
+
+
+# ---- probes ---------------------------------------------------------------------------------
+
+
+def probe_dram_read(kernel, size_bytes: int, repeats: int) -> dict[str, float]:
+    """Best GB/s reading a ``size_bytes`` buffer: the C probe (1 and all threads, with and
+    without software prefetch) and a torch reduction."""
+    buf = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    results: dict[str, float] = {}
+    for label, nthreads, prefetch in (("c-1thr", 1, 0), ("c-1thr-prefetch", 1, 1),
+                                      (f"c-{threads}thr", threads, 0), (f"c-{threads}thr-prefetch", threads, 1)):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel.lib.w4a8_probe_read(buf.data_ptr(), size_bytes, prefetch, nthreads)
+            best = min(best, time.perf_counter() - start)
+        results[label] = size_bytes / best / 1e9
+    as_int64 = buf.view(torch.int64)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        as_int64.sum()
+        best = min(best, time.perf_counter() - start)
+    results["torch-sum"] = size_bytes / best / 1e9
+    del buf, as_int64
+    return results
+
+
+def probe_int8_dot(kernel, repeats: int) -> dict[str, float]:
+    """Best TOP/s of register-only u8 x s8 dot products (1 and all threads), and torch._int_mm."""
+    results: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    for label, nthreads in (("vnni-1thr", 1), (f"vnni-{threads}thr", threads)):
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            macs = kernel.lib.w4a8_probe_int8_dot(32 * nthreads, 100_000, nthreads)
+            best = max(best, 2 * macs / (time.perf_counter() - start) / 1e12)
+        results[label] = best
+    a = torch.randint(-127, 128, (512, 2048), dtype=torch.int8)
+    b = torch.randint(-7, 8, (2048, 2048), dtype=torch.int8)
+    torch._int_mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    results["torch-_int_mm-512x2048x2048"] = 2 * 512 * 2048 * 2048 / best / 1e12
+    return results
+
+
+# ---- weights, routing -------------------------------------------------------------------------
+
+
+def random_packed_experts(seed: int) -> PackedExpertWeights:
+    """Random int4 experts in the on-disk packed layout (any byte is a valid pair of nibbles)."""
+    g = torch.Generator().manual_seed(seed)
+    return PackedExpertWeights(
+        w13=torch.randint(-128, 128, (EXPERTS, INTER, HIDDEN), dtype=torch.int8, generator=g),
+        w13_scale=torch.rand(EXPERTS, 2 * INTER, generator=g) * 2e-3 + 1e-4,
+        w2=torch.randint(-128, 128, (EXPERTS, HIDDEN // 2, INTER), dtype=torch.int8, generator=g),
+        w2_scale=torch.rand(EXPERTS, HIDDEN, generator=g) * 2e-3 + 1e-4,
+    )
+
+
+@dataclass
+class Routed:
+    """One call's routed rows: ``token_ids`` and ``offsets`` as the MoE layer builds them."""
+
+    token_ids: torch.Tensor
+    offsets: torch.Tensor
+    active_experts: int
+
+
+def make_routing(ids: torch.Tensor) -> Routed:
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.zeros(EXPERTS + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=EXPERTS), 0)
+    return Routed(torch.div(order, ids.shape[1], rounding_mode="floor"), offsets, int((offsets.diff() > 0).sum()))
+
+
+def routings_for(m: int, count: int, seed: int, shared: bool = False) -> list[Routed]:
+    """``count`` routings of ``m`` tokens, top-8 of 32. For M = 1 they cycle through disjoint
+    expert sets; with ``shared`` every token of a call goes to the same 8 experts."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    perm = torch.randperm(EXPERTS, generator=g)
+    for c in range(count):
+        if m == 1 or shared:
+            start = (c * TOP_K) % EXPERTS
+            ids = perm[start:start + TOP_K].unsqueeze(0).repeat(m, 1)
+        else:
+            ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(m)])
+        out.append(make_routing(ids))
+    return out
+
+
+# ---- baselines: one call = the routed-expert path for one routing ---------------------------------
+
+
+ExpertCall = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Routed], torch.Tensor]
+
+
+def float_moe(weights: list[list[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype) -> ExpertCall:
+    """bf16/fp32 experts: ``down(silu(gate) * up)`` with plain torch matmuls per expert."""
+
+    def call(layer: int, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, r: Routed) -> torch.Tensor:
+        out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=dtype)
+        offsets = r.offsets.tolist()
+        xd = x.to(dtype)
+        for e in range(EXPERTS):
+            lo, hi = offsets[e], offsets[e + 1]
+            if lo == hi:
+                continue
+            w13, w2 = weights[layer][e]
+            gate_up = xd[r.token_ids[lo:hi]] @ w13.T
+            out[lo:hi] = (F.silu(gate_up[:, :INTER]) * gate_up[:, INTER:]) @ w2.T
+        return out
+
+    return call
+
+
+def w8a8_moe(weights: list[list[tuple]], alpha: torch.Tensor) -> ExpertCall:
+    """W8A8 with ``torch._int_mm``: the same integer weights held as int8 ``[K, N]``."""
+
+    def call(layer: int, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, r: Routed) -> torch.Tensor:
+        out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=torch.bfloat16)
+        offsets = r.offsets.tolist()
+        for e in range(EXPERTS):
+            lo, hi = offsets[e], offsets[e + 1]
+            if lo == hi:
+                continue
+            w13_t, s13, w2_t, s2 = weights[layer][e]
+            rows = r.token_ids[lo:hi]
+            gate_up = (torch._int_mm(x_q[rows], w13_t).float() * x_scale[rows] * s13).to(torch.bfloat16)
+            h_q, c = swiglu_clip_quant(gate_up, alpha[e])
+            out[lo:hi] = (torch._int_mm(h_q, w2_t).float() * c * s2).to(torch.bfloat16)
+        return out
+
+    return call
+
+
+def int4pack_moe(weights: list[list[tuple]]) -> ExpertCall:
+    """``_weight_int4pack_mm_for_cpu``: int4 weights, bf16 activations."""
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def call(layer: int, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, r: Routed) -> torch.Tensor:
+        out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=torch.bfloat16)
+        offsets = r.offsets.tolist()
+        for e in range(EXPERTS):
+            lo, hi = offsets[e], offsets[e + 1]
+            if lo == hi:
+                continue
+            w13, sz13, w2, sz2 = weights[layer][e]
+            gate_up = mm(x[r.token_ids[lo:hi]], w13, 256, sz13)
+            out[lo:hi] = mm(F.silu(gate_up[:, :INTER]) * gate_up[:, INTER:], w2, 256, sz2)
+        return out
+
+    return call
+
+
+def int4pack_weights(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 values ``[N, K]`` and per-channel scales to the int4pack format (groups of 256)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8), 2)
+    sz = torch.zeros(q.shape[1] // 256, q.shape[0], 2, dtype=torch.bfloat16)
+    sz[..., 0] = scale.to(torch.bfloat16)
+    return packed, sz
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    best: float
+    median: float
+
+
+def time_calls(fn: Callable[[int], object], repeats: int, warmup: int) -> Timing:
+    """``fn(i)`` runs call ``i`` (which picks its layer copy and routing); returns seconds."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(warmup, warmup + repeats):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return Timing(min(times), statistics.median(times))
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller probe, M=512 once")
+    parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    parser.add_argument("--skip", default="", help="comma-separated baselines to skip (bf16,fp32,w8a8,int4pack,reference)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    quick = args.quick
+    threads = torch.get_num_threads()
+    load_before = os.getloadavg()
+    backend = get_backend("cpu")
+    kernel = backend.kernel
+    cpu_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                    platform.processor())
+    print(f"# w4a8moe CPU expert-path benchmark {'(quick)' if quick else ''}")
+    print(f"machine: {cpu_name}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+          f"({torch.backends.cpu.get_cpu_capability()}), threads={threads}, kernel ISA={backend.isa}")
+    print(f"loadavg before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+
+    probe_bytes = (1 if quick else 2) * GIB + 256 * 1024**2
+    dram = probe_dram_read(kernel, probe_bytes, repeats=2 if quick else 4)
+    dram_bw = max(dram.values())
+    print(f"\nDRAM read probe over {probe_bytes / GIB:.2f} GiB (GB/s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in dram.items()) + f"  -> DRAM read bandwidth {dram_bw:.1f} GB/s")
+    dot = probe_int8_dot(kernel, repeats=2 if quick else 4)
+    int8_peak = max(v for k, v in dot.items() if k.startswith("vnni"))
+    print("int8 dot probe (TOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in dot.items())
+          + f"  -> int8 peak {int8_peak:.3f} TOP/s")
+
+    layers = 2  # copies of the int4 expert set (704 MB each), so decode never reads from cache
+    print(f"\nexperts: E={EXPERTS}, top-{TOP_K}, H={HIDDEN}, I={INTER}; packed int4 "
+          f"{EXPERTS * 3 * HIDDEN * INTER / 2 / 1e6:.0f} MB per layer copy, {layers} copies")
+    packed_layers = [random_packed_experts(seed=100 + c) for c in range(layers)]
+    start = time.perf_counter()
+    prepared = [backend.prepare(p) for p in packed_layers]
+    print(f"prepare (re-layout) {(time.perf_counter() - start) / layers:.1f} s per layer")
+    alpha = torch.linspace(0.6, 1.0, EXPERTS)
+
+    ms = [1, 8, 64, 512]
+    repeats = {1: 6 if quick else 20, 8: 6 if quick else 20, 64: 3 if quick else 8, 512: 1 if quick else 3}
+    count = {m: 8 for m in ms}
+    routings = {m: routings_for(m, count[m], seed=m) for m in ms}
+    routings["8-shared"] = routings_for(8, 8, seed=81, shared=True)
+    inputs = {}
+    for m in ms:
+        x = (torch.randn(m, HIDDEN) * 0.5).to(torch.bfloat16)
+        x_q, x_scale = dynamic_quant_per_token(x)
+        inputs[m] = (x, x_q, x_scale)
+    inputs["8-shared"] = inputs[8]
+    cases = [1, 8, "8-shared", 64, 512]
+    results: dict[str, dict] = {}
+
+    def run_case(name: str, call: ExpertCall, case, n_layers: int) -> None:
+        m = case if isinstance(case, int) else 8
+        rts = routings[case]
+        x, x_q, x_scale = inputs[case]
+
+        def one(i: int) -> object:
+            # Consecutive calls alternate layer copies first, then routings: (layer, routing)
+            # pairs repeat only after n_layers * len(rts) calls.
+            return call(i % n_layers, x, x_q, x_scale, rts[(i // n_layers) % len(rts)])
+
+        warm = 1 if m >= 64 else 2
+        results.setdefault(name, {})[case] = time_calls(one, repeats[m], warm)
+        t = results[name][case]
+        print(f"  {name:12s} M={str(case):9s} best {t.best * 1e3:9.2f} ms  median {t.median * 1e3:9.2f} ms", flush=True)
+
+    print("\ntiming (per call, expert path only):")
+
+    def cpu_call(layer, x, x_q, x_scale, r):
+        return backend.grouped_forward(prepared[layer], x_q, x_scale, r.token_ids, r.offsets, alpha)
+
+    for case in cases:
+        run_case("w4a8-cpu", cpu_call, case, layers)
+
+    # Exactness spot check at benchmark scale: the kernel against the reference backend.
+    if "reference" not in skip:
+        reference = get_backend("reference")
+        rt = routings[8][0]
+        _, x_q, x_scale = inputs[8]
+        a = backend.grouped_forward(prepared[0], x_q, x_scale, rt.token_ids, rt.offsets, alpha)
+        b = reference.grouped_forward(packed_layers[0], x_q, x_scale, rt.token_ids, rt.offsets, alpha)
+        print(f"  exactness at M=8 vs reference: {'bit-identical' if torch.equal(a.view(torch.int16), b.view(torch.int16)) else 'DIFFERENT'}")
+
+        def ref_call(layer, x, x_q, x_scale, r):
+            return reference.grouped_forward(packed_layers[layer], x_q, x_scale, r.token_ids, r.offsets, alpha)
+
+        saved = dict(repeats)
+        repeats.update({1: 3, 8: 2})
+        for case in (1, 8):
+            run_case("reference", ref_call, case, layers)
+        repeats.update(saved)
+    del prepared
+    gc.collect()
+
+    def expert_values(layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = packed_layers[layer]
+        return unpack_int4_pairs(p.w13[e]), unpack_int4_pairs(p.w2[e])
+
+    if "int4pack" not in skip:
+        weights = []
+        for layer in range(layers):
+            per_expert = []
+            for e in range(EXPERTS):
+                q13, q2 = expert_values(layer, e)
+                per_expert.append((*int4pack_weights(q13, packed_layers[layer].w13_scale[e]),
+                                   *int4pack_weights(q2, packed_layers[layer].w2_scale[e])))
+            weights.append(per_expert)
+        for case in cases:
+            run_case("int4pack", int4pack_moe(weights), case, layers)
+        del weights
+        gc.collect()
+
+    if "w8a8" not in skip:
+        # One int8 copy (1.4 GB) rotates over 4 disjoint routings at M = 1: >700 MB per cycle.
+        weights = [[(q13.T.contiguous(), packed_layers[0].w13_scale[e], q2.T.contiguous(), packed_layers[0].w2_scale[e])
+                    for e in range(EXPERTS) for q13, q2 in [expert_values(0, e)]]]
+        for case in cases:
+            run_case("w8a8-int_mm", w8a8_moe(weights, alpha), case, 1)
+        del weights
+        gc.collect()
+
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        if name in skip:
+            continue
+        weights = []
+        for e in range(EXPERTS):
+            q13, q2 = expert_values(0, e)
+            weights.append(((q13.float() * packed_layers[0].w13_scale[e].unsqueeze(1)).to(dtype),
+                            (q2.float() * packed_layers[0].w2_scale[e].unsqueeze(1)).to(dtype)))
+        for case in cases:
+            if quick and name == "fp32" and case == 512:
+                continue
+            run_case(name, float_moe([weights], dtype), case, 1)
+        del weights
+        gc.collect()
+
+    # ---- the table ----
+    expert_bytes = 3 * HIDDEN * INTER / 2
+    baselines = [n for n in ("bf16", "fp32", "w8a8-int_mm", "int4pack", "reference") if n in results]
+    print("\n| M | w4a8-cpu best / median (ms) | " + " | ".join(f"vs {b}" for b in baselines)
+          + " | experts read | GB/s (of DRAM) | TOP/s (of int8 probe) |")
+    print("|---|---|" + "---|" * len(baselines) + "---|---|---|")
+    for case in cases:
+        t = results["w4a8-cpu"][case]
+        m = case if isinstance(case, int) else 8
+        active = statistics.mean(r.active_experts for r in routings[case])
+        gbs = active * expert_bytes / t.median / 1e9
+        tops = 2 * m * TOP_K * 3 * HIDDEN * INTER / t.median / 1e12
+        ratios = []
+        for b in baselines:
+            other = results[b].get(case)
+            ratios.append(f"{other.median / t.median:.2f}x" if other else "-")
+        print(f"| {case} | {t.best * 1e3:.2f} / {t.median * 1e3:.2f} | " + " | ".join(ratios)
+              + f" | {active:.1f} | {gbs:.1f} ({gbs / dram_bw:.0%}) | {tops:.3f} ({tops / int8_peak:.0%}) |")
+    print("(ratios: baseline median time / w4a8-cpu median time; > 1 means the native kernel is faster)")
+
+    print("\ntargets:")
+    t1 = results["w4a8-cpu"][1].median
+    gbs1 = routings[1][0].active_experts * expert_bytes / t1 / 1e9
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
+
+    print(f"  decode M=1 >= 80% of DRAM read bandwidth: {gbs1:.1f} / {dram_bw:.1f} GB/s = {gbs1 / dram_bw:.0%} -> "
+          f"{verdict(gbs1 >= 0.8 * dram_bw)}")
+    if "int4pack" in results:
+        r = results["int4pack"][1].median / t1
+        print(f"  decode M=1 >= 1.5x faster than int4pack: {r:.2f}x -> {verdict(r >= 1.5)}")
+    if "bf16" in results:
+        r = results["bf16"][1].median / t1
+        print(f"  decode M=1 >= 5x faster than bf16: {r:.2f}x -> {verdict(r >= 5)}")
+    r8 = results["w4a8-cpu"][8].median / t1
+    r8s = results["w4a8-cpu"]["8-shared"].median / t1
+    print(f"  M=8 costs <= 1.5x M=1: random routing {r8:.2f}x -> {verdict(r8 <= 1.5)} "
+          f"(M=8 reads {statistics.mean(r.active_experts for r in routings[8]):.1f} experts, M=1 reads 8); "
+          f"8 tokens on the same 8 experts {r8s:.2f}x -> {verdict(r8s <= 1.5)}")
+    for m in (64, 512):
+        t = results["w4a8-cpu"][m].median
+        if "w8a8-int_mm" in results:
+            r = results["w8a8-int_mm"][m].median / t
+            print(f"  prefill M={m} at least as fast as W8A8 _int_mm: {r:.2f}x -> {verdict(r >= 1.0)}")
+        if "bf16" in results and m in results["bf16"]:
+            r = t / results["bf16"][m].median
+            print(f"  prefill M={m} <= 0.25x bf16 time: {r:.2f}x -> {verdict(r <= 0.25)}")
+    load_after = os.getloadavg()
+    print(f"\nloadavg after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
+          f"peak RSS {peak_rss_gib():.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
