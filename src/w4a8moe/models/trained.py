@@ -12,8 +12,9 @@ The routing correction bias ``e_score_correction_bias`` gets no gradient in Deep
 updated here the auxiliary-loss-free way (after each step, ``bias_e += rate * sign(mean_load -
 load_e)``), so it is non-zero and balances expert load as in the real model.
 
-Nothing is downloaded. Training is seeded: the same arguments, torch version and thread count
-give the same weights.
+Nothing is downloaded. Training is seeded and runs with torch's deterministic algorithms: the
+same arguments, torch version and thread count give bit-identical weights (different thread
+counts sum in different orders, so their weights differ in the last bits).
 """
 
 from __future__ import annotations
@@ -177,16 +178,31 @@ def train_tiny_model(
     saved weights are bf16 (the router correction bias stays fp32, as DeepSeek ships it).
     ``out_dir`` receives ``config.json``, ``model.safetensors`` (per-expert names), the byte
     tokenizer and ``w4a8moe_training.json`` (recipe, train/held-out loss, seconds).
+    Deterministic for a given torch build and thread count (recorded in the report).
     Returns ``out_dir``.
     """
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    # The multi-threaded CPU backward of the experts' index_add is otherwise order-dependent.
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(out_dir, steps, seed, batch_size, seq_len, lr, bias_update_rate, config_overrides,
+                      log_every, verbose)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
+
+
+def _train(out_dir: Path, steps: int, seed: int, batch_size: int, seq_len: int, lr: float,
+           bias_update_rate: float, config_overrides: dict | None, log_every: int, verbose: bool) -> Path:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tokenizer = ByteTokenizer()
