@@ -175,3 +175,36 @@ def test_learned_clips_lower_held_out_moe_error_than_rtn(tmp_path):
     assert sorted(errors["rtn"]) == [1, 2]
     for layer, rtn in errors["rtn"].items():
         assert errors["learned"][layer] < 0.9 * rtn, (layer, errors)
+
+
+def test_gptq_reduces_the_fit_error_and_equals_rtn_without_correlations():
+    from w4a8moe.calibrate.gptq import gptq_int4
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 48, generator=g)
+    q_rtn, s = quantize_int4_per_channel(w, 0.9)
+    # Uncorrelated inputs (diagonal Hessian): no error to propagate, GPTQ is round-to-nearest.
+    x_diag = torch.diag(torch.rand(48, generator=g) + 0.5)
+    assert torch.equal(gptq_int4(w, s, x_diag), q_rtn)
+    # Correlated inputs: lower output error on them, same scales, values still in [-7, 7].
+    x = torch.randn(2000, 48, generator=g) @ torch.randn(48, 48, generator=g)
+    q = gptq_int4(w, s, x)
+
+    def err(values: torch.Tensor) -> float:
+        return squared_error(x @ (values.to(torch.float32) * s[:, None]).T, x @ w.T)
+
+    assert err(q) < 0.8 * err(q_rtn)
+    assert int(q.abs().max()) <= 7 and q.dtype == torch.int8
+
+
+def test_gptq_in_the_pipeline_validates(tmp_path):
+    from w4a8moe import open_checkpoint
+
+    src = make_hf_checkpoint(tiny_config("deepseek_v3"), tmp_path / "src", seed=11, outliers=True)
+    report = convert(src, tmp_path / "dst", calib_sequences=8, calib_seq_len=64, num_threads=1, progress=False,
+                     clip_settings=ClipSearchSettings(gptq=True))
+    open_checkpoint(tmp_path / "dst")
+    experts = [e for layer in (1, 2) for e in report["units"][f"layer_{layer}"]["moe"]["per_expert"]]
+    assert all(e["rel_err_learned"] <= e["rel_err_rtn"] for e in experts)
+    assert all(e["gptq"] or any("GPTQ rejected" in n for n in e["notes"]) or e["status"] != "learned"
+               for e in experts)

@@ -14,6 +14,7 @@ from w4a8moe.calibrate.clips import (
     search_alpha,
     search_weight_clip,
 )
+from w4a8moe.calibrate.gptq import gptq_int4
 
 __all__ = [
     "DEFAULT_ALPHA_GRID",
@@ -23,6 +24,7 @@ __all__ = [
     "ExpertClips",
     "ExpertWeights",
     "expert_reference_output",
+    "gptq_int4",
     "learn_expert_clips",
     "quantized_expert_output",
     "search_alpha",

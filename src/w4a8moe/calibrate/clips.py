@@ -19,7 +19,9 @@ Search, per expert, on the "fit" part of its routed tokens:
 4. the down clips again, given the chosen ``alpha_e``.
 
 The pair (``alpha_e``, down clips of step 4) is accepted only if it does not worsen the
-held-out part of the routed tokens against (1, down clips of step 2). Finally the whole
+held-out part of the routed tokens against (1, down clips of step 2). With ``gptq`` the
+integer values are then re-chosen by GPTQ with act-order under the searched scales
+(:mod:`w4a8moe.calibrate.gptq`), kept only if the held-out error does not get worse. Finally the whole
 learned expert is compared with round-to-nearest (all clips 1) on all routed tokens and the
 expert falls back to round-to-nearest if learning did not help, so learned clips are never
 worse than RTN on the calibration objective.
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from w4a8moe.calibrate.gptq import gptq_int4
 from w4a8moe.quant import (
     INT8_MAX,
     dequantize_per_channel,
@@ -61,6 +64,7 @@ class ClipSearchSettings:
     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS
     learn_weight_clip: bool = True
     learn_alpha: bool = True
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_clip_grid", "alpha_grid"):
@@ -101,6 +105,9 @@ class ExpertClips:
     heldout_ref_energy: float = 0.0
     alpha_grid_best: float = 1.0
     notes: list[str] = field(default_factory=list)
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """With GPTQ: the int4 values (int8 ``[N, K]``) and scales ``[N]`` to store, else ``None``
+    (the weights are round-to-nearest under the clips)."""
 
     def summary(self) -> dict:
         """JSON-ready figures for the conversion report."""
@@ -124,6 +131,7 @@ class ExpertClips:
             "rel_err_learned": rel(self.err_learned, self.ref_energy),
             "heldout_rel_err_rtn": rel(self.heldout_err_rtn, self.heldout_ref_energy),
             "heldout_rel_err_learned": rel(self.heldout_err_learned, self.heldout_ref_energy),
+            "gptq": self.quantized is not None,
             "notes": list(self.notes),
         }
 
@@ -253,11 +261,17 @@ def _rtn_clips(w: ExpertWeights) -> dict[str, torch.Tensor]:
     return {p: torch.ones(getattr(w, p).shape[0]) for p in ("gate", "up", "down")}
 
 
+def _rtn_values(w: ExpertWeights, clips: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {p: quantize_int4_per_channel(getattr(w, p), clips[p]) for p in ("gate", "up", "down")}
+
+
+def _output_of(x_q, x_scale, qs: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float) -> torch.Tensor:
+    gate_up = quantized_gate_up(x_q, x_scale, *qs["gate"], *qs["up"])
+    return quantized_down(gate_up, alpha, *qs["down"])
+
+
 def _expert_output(x_q, x_scale, w: ExpertWeights, clips: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-    qg, sg = quantize_int4_per_channel(w.gate, clips["gate"])
-    qu, su = quantize_int4_per_channel(w.up, clips["up"])
-    qd, sd = quantize_int4_per_channel(w.down, clips["down"])
-    return quantized_down(quantized_gate_up(x_q, x_scale, qg, sg, qu, su), alpha, qd, sd)
+    return _output_of(x_q, x_scale, _rtn_values(w, clips), alpha)
 
 
 def quantized_expert_output(x: torch.Tensor, w: ExpertWeights, clips: dict[str, torch.Tensor] | None = None,
@@ -327,18 +341,40 @@ def learn_expert_clips(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSe
                 notes.append(f"alpha {cand_alpha:.4f} rejected: held-out error {cand_held:.4g} > {base_held:.4g}")
     clips["down"] = down
 
+    values = _rtn_values(w, clips)
+    quantized = None
+    if settings.gptq:
+        candidate = _gptq_values(w, values, x_q, x_scale, fit, alpha)
+        base_held = squared_error(_output_of(x_q[held], x_scale[held], values, alpha), reference[held])
+        gptq_held = squared_error(_output_of(x_q[held], x_scale[held], candidate, alpha), reference[held])
+        if gptq_held <= base_held:
+            values = quantized = candidate
+        else:
+            notes.append(f"GPTQ rejected: held-out error {gptq_held:.4g} > {base_held:.4g}")
+
     y_rtn = _expert_output(x_q, x_scale, w, rtn, 1.0)
-    y_learned = _expert_output(x_q, x_scale, w, clips, alpha)
+    y_learned = _output_of(x_q, x_scale, values, alpha)
     err_rtn, err_learned = squared_error(y_rtn, reference), squared_error(y_learned, reference)
     status = "learned"
     if err_learned > err_rtn:
         notes.append(f"learned clips worse than RTN on the calibration tokens ({err_learned:.4g} > {err_rtn:.4g})")
-        clips, alpha, err_learned, y_learned, status = rtn, 1.0, err_rtn, y_rtn, "rtn_better"
+        clips, alpha, err_learned, y_learned, status, quantized = rtn, 1.0, err_rtn, y_rtn, "rtn_better", None
     return ExpertClips(
         weight_clip=clips, alpha=float(alpha), tokens=m, status=status,
         err_rtn=err_rtn, err_learned=err_learned, ref_energy=squared_error(reference, torch.zeros_like(reference)),
         heldout_err_rtn=squared_error(y_rtn[held], reference[held]),
         heldout_err_learned=squared_error(y_learned[held], reference[held]),
         heldout_ref_energy=squared_error(reference[held], torch.zeros_like(reference[held])),
-        alpha_grid_best=grid_best, notes=notes,
+        alpha_grid_best=grid_best, notes=notes, quantized=quantized,
     )
+
+
+def _gptq_values(w: ExpertWeights, values: dict[str, tuple[torch.Tensor, torch.Tensor]], x_q: torch.Tensor,
+                 x_scale: torch.Tensor, fit: torch.Tensor, alpha: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ (act-order) under the clip-search scales, on the inputs each projection really sees."""
+    x_in = dequantize_per_channel(x_q[fit], x_scale[fit].reshape(-1))  # the int8 activations GMM1 reads
+    out = {p: (gptq_int4(getattr(w, p), values[p][1], x_in), values[p][1]) for p in ("gate", "up")}
+    h_q, h_scale = swiglu_clip_quant(quantized_gate_up(x_q[fit], x_scale[fit], *out["gate"], *out["up"]), alpha)
+    out["down"] = (gptq_int4(w.down, values["down"][1], dequantize_per_channel(h_q, h_scale.reshape(-1))),
+                   values["down"][1])
+    return out

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="experts routed fewer calibration tokens keep clips at 1 (reported)")
     p.add_argument("--no-weight-clip", action="store_true", help="learn only the activation clips")
     p.add_argument("--no-alpha", action="store_true", help="learn only the weight clips")
+    p.add_argument("--gptq", action="store_true",
+                   help="after the clip search, choose the int4 values by GPTQ with act-order (kept per expert "
+                        "only where the held-out tokens do not get worse)")
     p.add_argument("--refine-steps", type=int, default=40, help="straight-through gradient steps refining alpha (0: grid only)")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
                    help="also keep modules matching REGEX unquantized (repeatable); defaults: "
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     """Convert and print a short summary; errors surface as typed exceptions (exit code 2)."""
     keep = ([] if args.no_default_keep_bf16 else list(DEFAULT_KEEP_BF16)) + list(args.keep_bf16)
     settings = ClipSearchSettings(min_expert_tokens=args.min_expert_tokens, learn_weight_clip=not args.no_weight_clip,
-                                  learn_alpha=not args.no_alpha, refine_steps=args.refine_steps)
+                                  learn_alpha=not args.no_alpha, refine_steps=args.refine_steps,
+                                  gptq=args.gptq)
     report = convert(
         args.src, args.dst, fmt=args.fmt, learn=not args.no_learn, calib=args.calib, tokenizer=args.tokenizer,
         calib_sequences=args.calib_sequences, calib_seq_len=args.calib_seq_len, clip_settings=settings,

@@ -28,7 +28,7 @@ def _tokens(source: SourceCheckpoint, text: str, tokenizer: str | Path | None) -
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int64)
 
 
 @torch.no_grad()

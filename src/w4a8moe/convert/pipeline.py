@@ -31,10 +31,11 @@ from w4a8moe.errors import ConversionError
 from w4a8moe.formats import ascendv1, compressed_tensors
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
+from w4a8moe.formats.safetensors_io import atomic_write_json
 from w4a8moe.formats.schema import ASCENDV1, COMPRESSED_TENSORS, FORMATS
 from w4a8moe.formats.writer import CheckpointWriter, moe_layer_tensors
 from w4a8moe.moe import W4A8MoE, select_experts
-from w4a8moe.quant import quantize_int8_per_channel
+from w4a8moe.quant import pack_int4_pairs, quantize_int8_per_channel
 
 REPORT_FILE = "conversion_report.json"
 CONFIG_KEY = "w4a8moe"
@@ -76,7 +77,7 @@ def calibration_tokens(source: SourceCheckpoint, calib: str | Path | None, token
             tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConversionError(f"cannot load the tokenizer in {tok_dir}: {exc}") from exc
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int64)
         info["tokenizer"] = "source folder" if tok_dir == source.path else "given folder"
     else:
         vocab = int(source.config.get("vocab_size") or 0)
@@ -269,7 +270,11 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         run.hidden_saved_for = first_unit if state is not None and state.get("hidden_file") else None
 
     hidden_bytes = 0 if ids is None else ids.numel() * mc.hidden_size * torch.empty((), dtype=dtype).element_size()
-    bar = tqdm(total=len(units), initial=first_unit, desc="convert", unit="unit", disable=not progress)
+    # One bar over the source bytes (units are layers), one per MoE layer over its experts, a
+    # line per output shard.
+    unit_bytes = [source.source_bytes_of(n) for _, _, n in units]
+    bar = tqdm(total=sum(unit_bytes), initial=sum(unit_bytes[:first_unit]), desc="convert", unit="B",
+               unit_scale=True, disable=not progress)
     for index in range(first_unit, len(units)):
         key, layer, unit_names = units[index]
         run.unit = index
@@ -279,7 +284,7 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         run.reports[key] = entry
         if next_hidden is not None:
             run.hidden = next_hidden
-        bar.update(1)
+        bar.update(unit_bytes[index])
     bar.close()
     run.unit = len(units)
     copy_files = source.non_weight_files()
@@ -296,8 +301,6 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         "units": {k: run.reports[k] for k in run.unit_keys},
         "copied_files": [p.name for p in copy_files],
     }
-    from w4a8moe.formats.safetensors_io import atomic_write_json
-
     atomic_write_json(dst / REPORT_FILE, report)
     manifest.remove()
     seconds = time.perf_counter() - t_start
@@ -434,11 +437,17 @@ def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: in
             weight_clip, alpha[e] = clips.weight_clip, clips.alpha
             experts_report.append(clips.summary())
         else:
-            weight_clip = None
-        q = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS},
-                                             weight_clip={p: c[None] for p, c in weight_clip.items()} if weight_clip else None))
-        for p in EXPERT_PROJECTIONS:
-            packed[p][e], scale[p][e] = q.packed[p][0], q.scale[p][0]
+            clips, weight_clip = None, None
+        if clips is not None and clips.quantized is not None:
+            for p in EXPERT_PROJECTIONS:  # GPTQ chose the integers under the clip-search scales
+                q_values, q_scale = clips.quantized[p]
+                packed[p][e], scale[p][e] = pack_int4_pairs(q_values), q_scale
+        else:
+            q = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS},
+                                                 weight_clip={p: c[None] for p, c in weight_clip.items()}
+                                                 if weight_clip else None))
+            for p in EXPERT_PROJECTIONS:
+                packed[p][e], scale[p][e] = q.packed[p][0], q.scale[p][0]
         if rtn_packed is not None:
             q_rtn = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS}))
             for p in EXPERT_PROJECTIONS:

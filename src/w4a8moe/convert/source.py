@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from w4a8moe.errors import CheckpointError, ConfigError, ConversionError
+from w4a8moe.errors import ConfigError, ConversionError
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS, MoEModelConfig
 from w4a8moe.formats.safetensors_io import ShardedSafetensorsReader, TensorInfo
 
@@ -62,12 +62,6 @@ class SourceTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.info.shape
-
-    def source_bytes(self, scale_info: TensorInfo | None = None) -> int:
-        numel = 1
-        for d in self.info.shape:
-            numel *= d
-        return numel * torch.empty((), dtype=self.info.dtype).element_size()
 
 
 class SourceCheckpoint:
@@ -208,8 +202,6 @@ class SourceCheckpoint:
             return dequantize_fp8_blockwise(raw, self.reader.get(t.scale_name), self.fp8_block)
         except ValueError as exc:
             raise ConversionError(f"tensor {name!r}: {exc}") from exc
-        except CheckpointError:
-            raise
 
     def load_float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Load one tensor as ``dtype``."""
