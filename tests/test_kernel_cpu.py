@@ -38,10 +38,13 @@ from w4a8moe.quant import (
 
 
 def _backend_or_skip(isa: str) -> cpu_mod.CpuBackend:
+    # Skip only where the machine cannot build the kernel at all; once the native build works
+    # (a compiler and AVX2 are there), every lower ISA variant must build too.
     try:
-        return cpu_mod.CpuBackend(isa)
+        cpu_mod.load_kernel("native")
     except cpu_mod.KernelBuildError as exc:
-        pytest.skip(f"CPU kernel ({isa}) cannot be built here: {exc}")
+        pytest.skip(f"the CPU kernel cannot be built here: {exc}")
+    return cpu_mod.CpuBackend(isa)
 
 
 ISAS = ["native", "avx2", "avx2-maddubs"]

@@ -365,9 +365,11 @@ static void run_block_job(const block_job *job, int64_t m) {
 #elif W4A8_ISA >= 1
 #define MR 2  /* rows per register tile: 8 ymm accumulators */
 
-static inline __m256i dot_u8s8(__m256i acc, __m256i w_u8, __m256i x_s8) {
+static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m256i w_u8, __m256i x_s8) {
 #if W4A8_ISA == 2
-    return _mm256_dpbusd_avx_epi32(acc, w_u8, x_s8);
+    /* asm for the same reason as dpbusd_512; {vex} selects the AVX-VNNI encoding. */
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(w_u8), "x"(x_s8));
+    return acc;
 #else
     /* u8 (0..15) x s8 pairs sum to at most 2*15*128 = 3840: vpmaddubsw cannot saturate. */
     const __m256i pairs = _mm256_maddubs_epi16(w_u8, x_s8);
