@@ -291,7 +291,7 @@ typedef struct {
 } block_job;
 
 #if W4A8_ISA == 3
-#define MR 8  /* rows per register tile: 16 zmm accumulators */
+#define MR 12  /* rows per register tile: 24 zmm accumulators + 4 working registers of 32 */
 
 static inline __m256i bf16_rne_512(__m512 f) {
     __m512i b = _mm512_castps_si512(f);
@@ -358,6 +358,10 @@ static void run_block_job(const block_job *job, int64_t m) {
         case 5: tile_512(job, r0, 5); break;
         case 6: tile_512(job, r0, 6); break;
         case 7: tile_512(job, r0, 7); break;
+        case 8: tile_512(job, r0, 8); break;
+        case 9: tile_512(job, r0, 9); break;
+        case 10: tile_512(job, r0, 10); break;
+        case 11: tile_512(job, r0, 11); break;
         default: break;
     }
 }
@@ -708,11 +712,11 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     job.chunk[PHASE_GATHER] = chunk_for(rows, nthreads, 2);
     job.total[PHASE_GMM1] = nact * a.nb1;
     /* Chunks of consecutive blocks keep each thread's weight stream long and sequential. */
-    job.chunk[PHASE_GMM1] = chunk_for(job.total[PHASE_GMM1], nthreads, 16);
+    job.chunk[PHASE_GMM1] = chunk_for(job.total[PHASE_GMM1], nthreads, 32);
     job.total[PHASE_SWIGLU] = rows;
     job.chunk[PHASE_SWIGLU] = chunk_for(rows, nthreads, 4);
     job.total[PHASE_GMM2] = nact * a.nb2;
-    job.chunk[PHASE_GMM2] = chunk_for(job.total[PHASE_GMM2], nthreads, 16);
+    job.chunk[PHASE_GMM2] = chunk_for(job.total[PHASE_GMM2], nthreads, 32);
     pool_submit(&job, nthreads);
     free(active);
     return W4A8_OK;
