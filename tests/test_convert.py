@@ -431,3 +431,10 @@ def test_misshapen_expert_is_named(sources, tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match=r"gate\.weight|experts\.0\.gate_proj\.weight.*shape"):
         convert(src, tmp_path / "dst", learn=False, progress=False)
+
+
+def test_missing_first_expert_is_not_mistaken_for_a_dense_layer(sources, tmp_path):
+    src = _copy(sources["bf16"], tmp_path / "src")
+    _drop_tensor(src, "model.layers.1.mlp.experts.0.down_proj.weight")
+    with pytest.raises(ConversionError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.0\.down_proj\.weight'"):
+        convert(src, tmp_path / "dst", learn=False, progress=False)

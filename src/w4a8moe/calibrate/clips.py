@@ -51,6 +51,7 @@ DEFAULT_MIN_EXPERT_TOKENS = 16
 HELDOUT_EVERY = 4
 """Every 4th routed token (by position) is held out from fitting to judge the activation clip."""
 ALPHA_MIN = 0.05
+REFINE_EVAL_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -238,8 +239,8 @@ def search_alpha(
     """The activation clip ``alpha_e`` with the least exact output error on these rows.
 
     Grid search with the runtime math (:func:`quantized_down`), then straight-through
-    gradient refinement from the grid's best; a refined value replaces it only if its exact
-    error is lower. Returns ``(alpha, its error, the grid's best alpha)``.
+    gradient refinement from the grid's best; points of its path (every
+    ``REFINE_EVAL_EVERY``-th and the last) replace it only if their exact error is lower. Returns ``(alpha, its error, the grid's best alpha)``.
     """
     def err(a: float) -> float:
         return squared_error(quantized_down(gate_up, a, q_down, s_down), reference)
@@ -250,7 +251,9 @@ def search_alpha(
     grid_best = best_alpha
     if refine_steps > 0:
         w_down = dequantize_per_channel(q_down, s_down)
-        for a in sorted(set(refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr))):
+        path = refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr)
+        # Judge every REFINE_EVAL_EVERY-th point of the path and its end with the exact math.
+        for a in sorted(set(path[REFINE_EVAL_EVERY - 1 :: REFINE_EVAL_EVERY] + path[-1:])):
             e = err(a)
             if e < best_err:
                 best_alpha, best_err = a, e

@@ -206,8 +206,14 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
     groups = source.layer_names()
     units: list[tuple[str, int | None, list[str]]] = [(HEAD_UNIT, None, groups.get(None, []))]
     units += [(f"layer_{layer}", layer, groups[layer]) for layer in sorted(k for k in groups if k is not None)]
-    has_experts = {layer: (names.expert_weight(layer, 0, "down") + ".weight") in source for _, layer, _ in units
+    has_experts = {layer: any(policy.expert_of(n) for n in unit_names) for _, layer, unit_names in units
                    if layer is not None}
+    missing = [layer for layer in mc.expected_moe_layers if not has_experts.get(layer)]
+    if missing:
+        raise ConversionError(
+            f"config.json makes layers {missing} MoE layers, but the source has no routed expert tensors there "
+            f"(e.g. {names.expert_weight(missing[0], 0, 'down')}.weight is missing)"
+        )
     w4a8_layers = [layer for layer, e in has_experts.items() if policy.w4a8_layer(layer, e)]
     if not w4a8_layers:
         raise ConversionError(f"{src}: no routed expert weights found (looked for "
