@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-rtn", action="store_true", help="skip the W4A8 round-to-nearest baseline")
     parser.add_argument("--rtn", help="an existing round-to-nearest W4A8 checkpoint to use as that baseline "
                         "(default: convert the source with learn=False)")
+    parser.add_argument("--learned", action="store_true",
+                        help="also convert the source with learned clips (into --work-dir) and evaluate that")
     parser.add_argument("--no-alpha-variants", action="store_true",
                         help="skip the apply_alpha=False rows of checkpoints with activation clips")
     parser.add_argument("--work-dir", help="where to write the RTN baseline checkpoint (default: a temporary folder)")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         w8a8_baseline_model=not args.no_w8a8,
         rtn_baseline=not args.no_rtn,
         rtn_checkpoint=args.rtn,
+        learned_baseline=args.learned,
         no_alpha_variants=not args.no_alpha_variants,
         work_dir=args.work_dir,
         backend=args.backend,

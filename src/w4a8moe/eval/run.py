@@ -82,29 +82,12 @@ def load_source_model(source_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-def build_rtn_checkpoint(source_dir: str | Path, source: nn.Module, out_dir: Path) -> str:
-    """A round-to-nearest W4A8 checkpoint of the source (no clips); returns what built it.
+def build_rtn_checkpoint(source_dir: str | Path, out_dir: Path, progress: bool = False) -> str:
+    """Convert the source round-to-nearest (every clip 1) into ``out_dir``; returns how it was built."""
+    from w4a8moe.convert import convert
 
-    Uses the converter (``learn=False``) when it is installed, else the in-memory export.
-    """
-    try:
-        from w4a8moe.convert import convert
-    except ImportError:
-        convert = None
-    if convert is not None:
-        convert(str(source_dir), str(out_dir), fmt="compressed-tensors", learn=False)
-        return "w4a8moe.convert(learn=False)"
-    from w4a8moe.models.export import export_w4a8_checkpoint
-
-    config = open_json(Path(source_dir) / "config.json")
-    export_w4a8_checkpoint(source, config, out_dir)
-    return "w4a8moe.models.export_w4a8_checkpoint"
-
-
-def open_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
+    convert(str(source_dir), str(out_dir), fmt="compressed-tensors", learn=False, progress=progress)
+    return "w4a8moe.convert(learn=False)"
 
 
 def evaluation_windows(text: str, tokenizer, seq_len: int, num_sequences: int | None) -> torch.Tensor:
@@ -200,6 +183,7 @@ def evaluate(
     w8a8_baseline_model: bool = True,
     rtn_baseline: bool = True,
     rtn_checkpoint: str | Path | None = None,
+    learned_baseline: bool = False,
     no_alpha_variants: bool = True,
     work_dir: str | Path | None = None,
     backend: str | None = None,
@@ -209,7 +193,9 @@ def evaluate(
 
     ``text`` defaults to the built-in held-out split (never used for training or
     calibration). The round-to-nearest baseline is ``rtn_checkpoint`` when given, else it is
-    written under ``work_dir`` (default: a temporary folder, removed afterwards). Returns the report dict (also what the command
+    written under ``work_dir`` (default: a temporary folder, removed afterwards).
+    ``learned_baseline`` also converts the source with learned clips (the converter's default)
+    into ``work_dir`` and evaluates it like a given checkpoint. Returns the report dict (also what the command
     writes as JSON): settings and one row per model.
     """
     source_dir = Path(source_dir)
@@ -221,26 +207,38 @@ def evaluate(
     source = load_source_model(source_dir)
     models: list[EvalModel] = []
     loaded: list[EvalModel] = []
-    for i, path in enumerate(checkpoints):
-        label = labels[i] if i < len(labels) else Path(path).name
+
+    def add_checkpoint(path: str | Path, label: str) -> None:
         model = load_model(path, apply_alpha=True, backend=backend)
         loaded.append(EvalModel(label, W4A8, model, str(path), True))
         if no_alpha_variants and model.w4a8moe_checkpoint.activation_use_clip:
             loaded.append(EvalModel(f"{label} (apply_alpha=False)", NO_ALPHA,
                                     load_model(path, apply_alpha=False, backend=backend), str(path), False))
+
+    for i, path in enumerate(checkpoints):
+        add_checkpoint(path, labels[i] if i < len(labels) else Path(path).name)
     temp_dir = None
     rtn_builder = None
     try:
+        if learned_baseline or (rtn_baseline and rtn_checkpoint is None):
+            root = Path(work_dir) if work_dir is not None else Path(temp_dir := tempfile.mkdtemp(prefix="w4a8moe-eval-"))
+        if learned_baseline:
+            from w4a8moe.convert import convert
+
+            learned_path = root / "w4a8-learned"
+            if learned_path.exists():
+                shutil.rmtree(learned_path)
+            convert(str(source_dir), str(learned_path), fmt="compressed-tensors", learn=True, progress=progress)
+            add_checkpoint(learned_path, "W4A8 learned clips")
         if rtn_baseline and rtn_checkpoint is not None:
             rtn_builder = "given"
             models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_checkpoint, backend=backend),
                                     str(rtn_checkpoint), True))
         elif rtn_baseline:
-            root = Path(work_dir) if work_dir is not None else Path(temp_dir := tempfile.mkdtemp(prefix="w4a8moe-eval-"))
             rtn_path = root / "w4a8-rtn"
             if rtn_path.exists():
                 shutil.rmtree(rtn_path)
-            rtn_builder = build_rtn_checkpoint(source_dir, source, rtn_path)
+            rtn_builder = build_rtn_checkpoint(source_dir, rtn_path, progress)
             models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_path, backend=backend), str(rtn_path), True))
         if w8a8_baseline_model:
             # Mirror the W8A8 Linears of the first quantized model, so the baseline differs in the experts only.
