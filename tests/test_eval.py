@@ -77,13 +77,13 @@ def tiny_source(tmp_path_factory):
     """A small random DeepSeek-V3 Hugging Face folder (no training: fast)."""
     from transformers import AutoModelForCausalLM
 
-    from w4a8moe.models.loading import _hf_config
+    from w4a8moe.models.loading import transformers_config
     from w4a8moe.models.synthetic import tiny_config
     from w4a8moe.models.trained import write_byte_tokenizer
 
     cfg = tiny_config("deepseek_v3", initializer_range=0.08)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_hf_config(cfg), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
     path = tmp_path_factory.mktemp("src") / "model"
     model.save_pretrained(path)
     write_byte_tokenizer(path)

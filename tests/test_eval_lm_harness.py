@@ -25,13 +25,13 @@ def checkpoint(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from w4a8moe.models.export import export_w4a8_checkpoint
-    from w4a8moe.models.loading import _hf_config
+    from w4a8moe.models.loading import transformers_config
     from w4a8moe.models.synthetic import tiny_config
     from w4a8moe.models.trained import write_byte_tokenizer
 
     cfg = tiny_config("deepseek_v3", initializer_range=0.08)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_hf_config(cfg), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
     path = tmp_path_factory.mktemp("ckpt") / "w4a8"
     export_w4a8_checkpoint(model, cfg, path)
     write_byte_tokenizer(path)

@@ -167,11 +167,11 @@ def make_source(model_type: str, seed: int = 0, **overrides) -> tuple[nn.Module,
     """A random bf16 transformers model of ``model_type`` with weights large enough to matter."""
     from transformers import AutoModelForCausalLM
 
-    from w4a8moe.models.loading import _hf_config
+    from w4a8moe.models.loading import transformers_config
 
     cfg = tiny_config(model_type, initializer_range=0.08, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_hf_config(cfg), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
@@ -321,3 +321,29 @@ def test_config_and_checkpoint_disagree_on_moe_layers(tmp_path, small_checkpoint
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"layers \[0, 1, 2\] MoE.*\[1, 2\]"):
         load_model(d)
+
+
+def test_tied_embeddings(tmp_path):
+    source, cfg = make_source("qwen3_moe", tie_word_embeddings=True)
+    export_w4a8_checkpoint(source, cfg, tmp_path / "q")
+    model = load_model(tmp_path / "q")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = _logits(reference_model(source, cfg, w8a8=True), IDS)
+    assert (_logits(model, IDS) - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_deepseek_mtp_layer_is_skipped_only_when_declared(tmp_path, small_checkpoint):
+    d = _copy(small_checkpoint, tmp_path / "c")
+
+    def add_mtp(t):  # a layer past num_hidden_layers, as DeepSeek ships its multi-token-prediction layer
+        t["model.layers.3.enorm.weight"] = torch.ones(64, dtype=torch.bfloat16)
+        t["model.layers.3.self_attn.o_proj.weight"] = torch.ones(64, 64, dtype=torch.int8)
+        t["model.layers.3.self_attn.o_proj.weight_scale"] = torch.ones(64, 1)
+
+    _rewrite(d, add_mtp)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\."):
+        load_model(d)
+    config = json.loads((d / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (d / "config.json").write_text(json.dumps(config))
+    assert load_model(d)(input_ids=IDS).logits.shape == (2, 12, 256)

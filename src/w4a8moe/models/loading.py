@@ -62,7 +62,7 @@ class W8A8LinearWithBias(W8A8Linear):
         return super().forward(x) + self.bias.to(torch.bfloat16)
 
 
-def _hf_config(config: dict):
+def transformers_config(config: dict):
     """A transformers config object from a checkpoint's ``config.json`` minus quantization."""
     from transformers import AutoConfig
 
@@ -75,7 +75,7 @@ def build_empty_model(config: dict, dtype: torch.dtype = torch.bfloat16) -> nn.M
     """The transformers causal LM of ``config`` with every parameter on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    hf_config = _hf_config(config)
+    hf_config = transformers_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     return model
