@@ -438,3 +438,28 @@ def test_missing_first_expert_is_not_mistaken_for_a_dense_layer(sources, tmp_pat
     _drop_tensor(src, "model.layers.1.mlp.experts.0.down_proj.weight")
     with pytest.raises(ConversionError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.0\.down_proj\.weight'"):
         convert(src, tmp_path / "dst", learn=False, progress=False)
+
+
+def test_calibration_tokenizer_choice(sources, tmp_path):
+    from w4a8moe.convert.pipeline import calibration_tokens
+    from w4a8moe.data import ByteTokenizer, load_text
+    from w4a8moe.models.trained import write_byte_tokenizer
+
+    source = SourceCheckpoint(sources["bf16"])
+    ids, info = calibration_tokens(source, None, None, 2, 32)
+    assert info["tokenizer"].startswith("byte tokenizer (fallback")
+    assert torch.equal(ids.reshape(-1), ByteTokenizer().encode(load_text("calib"))[:64])
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    write_byte_tokenizer(tok_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("To be, or not to be: that is the question. " * 10)
+    ids2, info2 = calibration_tokens(source, text, tok_dir, 4, 32)
+    assert info2["tokenizer"] == "given folder" and info2["text"] == "file"
+    assert torch.equal(ids2.reshape(-1), ByteTokenizer().encode(text.read_text())[:128])
+    small = _copy(sources["bf16"], tmp_path / "small-vocab")
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 200
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="vocab_size is 200"):
+        calibration_tokens(SourceCheckpoint(small), None, None, 2, 32)
