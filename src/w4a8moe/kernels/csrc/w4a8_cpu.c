@@ -535,10 +535,30 @@ static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t int
                                   int64_t row, int64_t rows, int64_t torch_threads, int64_t grain, float *h,
                                   int8_t *hq, float *hscale, int32_t *hsum) {
     const uint16_t *g = gu, *u = gu + inter;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < inter; j++) h[j] = silu_vec[g[j]] * bf16_to_f32(u[j]);
+    int64_t j = 0;
+#if W4A8_ISA == 3
+    for (; j + 16 <= inter; j += 16) {
+        const __m512i gi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + j)));
+        const __m512 uf = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(u + j))), 16));
+        _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_i32gather_ps(gi, silu_vec, 4), uf));
+    }
+#endif
+    for (; j < inter; j++) h[j] = silu_vec[g[j]] * bf16_to_f32(u[j]);
     if (vec_block > 0) patch_scalar_silu(h, g, u, row, rows, inter, silu_scalar, vec_block, torch_threads, grain);
-    for (int64_t j = 0; j < inter; j++) {
+
+    float amax = 0.0f;
+    j = 0;
+#if W4A8_ISA == 3
+    /* max(|h|) is exact in any order; NaN is skipped as by the scalar comparison below. */
+    __m512 vmax = _mm512_setzero_ps();
+    for (; j + 16 <= inter; j += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(h + j));
+        vmax = _mm512_mask_mov_ps(vmax, _mm512_cmp_ps_mask(a, vmax, _CMP_GT_OQ), a);
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; j < inter; j++) {
         const float a = fabsf(h[j]);
         amax = a > amax ? a : amax;
     }
@@ -547,7 +567,29 @@ static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t int
     /* An all-zero row has c = 0: divide by 1 instead, every value is 0 anyway. */
     const float safe = c > 0.0f ? c : 1.0f;
     int32_t sum = 0;
-    for (int64_t j = 0; j < inter; j++) {
+    j = 0;
+#if W4A8_ISA == 3
+    {
+        const __m512 hi = _mm512_set1_ps(bound), lo = _mm512_set1_ps(-bound), div = _mm512_set1_ps(safe);
+        const __m512 qmax = _mm512_set1_ps(127.0f), qmin = _mm512_set1_ps(-128.0f);
+        __m512i vsum = _mm512_setzero_si512();
+        for (; j + 16 <= inter; j += 16) {
+            /* The same comparisons, in the same order, as the scalar loop. */
+            __m512 v = _mm512_loadu_ps(h + j);
+            v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), lo);
+            v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, hi, _CMP_GT_OQ), hi);
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, div), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(r, qmin, _CMP_LT_OQ), qmin);
+            r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(r, qmax, _CMP_GT_OQ), qmax);
+            /* int8 by truncation, as the scalar (int8_t) cast; sum what was stored. */
+            const __m128i q8 = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r));
+            _mm_storeu_si128((__m128i *)(hq + j), q8);
+            vsum = _mm512_add_epi32(vsum, _mm512_cvtepi8_epi32(q8));
+        }
+        sum = _mm512_reduce_add_epi32(vsum);
+    }
+#endif
+    for (; j < inter; j++) {
         float v = h[j];
         v = v < -bound ? -bound : v;
         v = v > bound ? bound : v;
