@@ -463,3 +463,13 @@ def test_calibration_tokenizer_choice(sources, tmp_path):
     (small / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="vocab_size is 200"):
         calibration_tokens(SourceCheckpoint(small), None, None, 2, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_and_fp32_sources(tmp_path, dtype):
+    src = make_hf_checkpoint(tiny_config("deepseek_v3"), tmp_path / "src", seed=4, dtype=dtype)
+    assert SourceCheckpoint(src).compute_dtype() == dtype
+    report = convert(src, tmp_path / "dst", calib_sequences=2, calib_seq_len=32, num_threads=1, progress=False)
+    ckpt = open_checkpoint(tmp_path / "dst")
+    assert ckpt.reader.infos["model.norm.weight"].dtype == dtype  # kept tensors stay as the source has them
+    assert report["units"]["layer_1"]["moe"]["layer_rel_err_learned"] is not None
