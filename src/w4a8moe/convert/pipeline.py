@@ -288,6 +288,8 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         entry, next_hidden = _convert_unit(source, policy, writer, runner, run.hidden, layer, unit_names, fmt,
                                            layer in w4a8_layers, learn, clip_settings, progress)
         run.reports[key] = entry
+        # Unmap the source shards: pages read for this unit should not stay resident.
+        source.reader.close()
         if next_hidden is not None:
             run.hidden = next_hidden
         bar.update(unit_bytes[index])

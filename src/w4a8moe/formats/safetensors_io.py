@@ -186,6 +186,10 @@ class ShardedSafetensorsReader:
             self._handles[info.file] = handle
         return handle.get_tensor(name)
 
+    def close(self) -> None:
+        """Drop the open file handles (and their memory maps); later reads reopen them."""
+        self._handles.clear()
+
     def nbytes(self) -> int:
         """Total bytes of tensor data."""
         total = 0
