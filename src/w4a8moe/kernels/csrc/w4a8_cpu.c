@@ -56,7 +56,7 @@
 #define W4A8_ERR_TOKEN_ID -1
 #define W4A8_ERR_OFFSETS -2
 #define W4A8_ERR_NO_SIMD -3
-#define W4A8_ERR_OVERFLOW -4
+#define W4A8_ERR_NO_MEMORY -4
 
 int w4a8_isa(void) { return W4A8_ISA; }
 int w4a8_abi_version(void) { return W4A8_ABI_VERSION; }
@@ -485,7 +485,7 @@ int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t 
     if (!xp || !xsum) {
         free(xp);
         free(xsum);
-        return W4A8_ERR_OVERFLOW;
+        return W4A8_ERR_NO_MEMORY;
     }
     for (int64_t r = 0; r < m; r++) xsum[r] = copy_row_padded(x + r * ldx, k, xp + r * kp, kp);
     gemm_args args = {wl, n, kp / 4, m, xp, xsum, xscale, wscale_padded, out_i32, out_bf16};
@@ -732,7 +732,7 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
 
     /* Work items over experts that have rows; an empty expert costs nothing. */
     int64_t *active = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t));
-    if (!active) return W4A8_ERR_OVERFLOW;
+    if (!active) return W4A8_ERR_NO_MEMORY;
     int64_t nact = 0;
     for (int64_t e = 0; e < num_experts; e++)
         if (offsets[e + 1] > offsets[e]) active[nact++] = e;
