@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from w4a8moe.errors import ConversionError
-from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
 from w4a8moe.convert.source import SourceCheckpoint
 
 _FAMILIES = {
@@ -178,9 +177,3 @@ class LayerRunner:
         acts = LayerActivations(torch.cat(moe_in) if moe_in else None, torch.cat(moe_out) if moe_out else None)
         return torch.cat(outputs), acts
 
-
-def expert_names(source: SourceCheckpoint, layer: int) -> list[str]:
-    """All routed-expert weight names of ``layer``."""
-    names = source.model_config.names
-    return [names.expert_weight(layer, e, p) + ".weight"
-            for e in range(source.model_config.num_experts) for p in EXPERT_PROJECTIONS]
