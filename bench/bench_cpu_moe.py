@@ -268,6 +268,9 @@ def main() -> None:
           f"({torch.backends.cpu.get_cpu_capability()}), threads {thread_counts} (best counts), "
           f"kernel ISA={backend.isa}")
     print(f"loadavg before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    if load_before[0] > 0.5 * (os.cpu_count() or 1) and thread_counts == [max_threads]:
+        print("warning: the machine is busy; torch's OpenMP baselines lose far more to that than the kernel "
+              "does. Without --quick (or with --threads 1,max) every implementation also runs on one thread.")
 
     probe_bytes = (1 if quick else 2) * GIB + 256 * 1024**2
     # The probes run three times (start, around the decode runs, around the prefill runs) and
