@@ -151,8 +151,9 @@ def _accumulate(acc: _Accumulators, ref_logits, logits, batch, ref_ids, ids, iso
 
 
 def _row(entry: EvalModel, acc: _Accumulators, layers: list[int]) -> dict:
-    routing = {layer: acc.routing[layer].mean for layer in layers}
-    moe_error = {layer: acc.moe_error[layer].value for layer in layers}
+    # Layer keys are strings so that the report reads back from JSON unchanged.
+    routing = {str(layer): acc.routing[layer].mean for layer in layers}
+    moe_error = {str(layer): acc.moe_error[layer].value for layer in layers}
     return {
         "label": entry.label,
         "kind": entry.kind,
@@ -299,8 +300,8 @@ def write_plot(report: dict, path: str | Path) -> str:
     layers = report["moe_layers"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for row in rows:
-        axes[0].plot(layers, [row["moe_rel_l2_per_layer"][l] for l in layers], marker="o", label=row["label"])
-        axes[1].plot(layers, [row["routing_agreement_per_layer"][l] for l in layers], marker="o", label=row["label"])
+        axes[0].plot(layers, [row["moe_rel_l2_per_layer"][str(l)] for l in layers], marker="o", label=row["label"])
+        axes[1].plot(layers, [row["routing_agreement_per_layer"][str(l)] for l in layers], marker="o", label=row["label"])
     axes[0].set(title="MoE block output error (source input)", xlabel="layer", ylabel="relative L2")
     axes[1].set(title="Routing agreement with source (end to end)", xlabel="layer", ylabel="fraction of top-k")
     axes[0].set_xticks(layers)
@@ -308,6 +309,7 @@ def write_plot(report: dict, path: str | Path) -> str:
     axes[0].legend(fontsize=7)
     axes[2].barh([r["label"] for r in rows], [r["kl_mean"] for r in rows])
     axes[2].set(title="KL(source || model), nats/token")
+    axes[2].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     axes[2].invert_yaxis()
     axes[2].tick_params(axis="y", labelsize=7)
     fig.tight_layout()
