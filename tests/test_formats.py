@@ -451,3 +451,14 @@ def test_summary_memory_figures(tmp_path):
     assert s["routed_expert_params"] == 2 * 8 * 3 * 64 * 32
     assert s["routed_expert_bytes_w8a8"] == 2 * s["routed_expert_bytes_w4"]
     assert np.isclose(s["routed_expert_bytes_bf16"] / s["routed_expert_bytes_w4"], 4.0)
+
+
+def test_qwen3_moe_expert_count_under_either_key():
+    cfg = tiny_config("qwen3_moe")
+    cfg["num_local_experts"] = cfg.pop("num_experts")  # as transformers 5 saves it
+    assert MoEModelConfig.from_dict(cfg).num_experts == 8
+    del cfg["num_local_experts"]
+    from w4a8moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_experts"):
+        MoEModelConfig.from_dict(cfg)

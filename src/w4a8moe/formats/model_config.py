@@ -78,10 +78,13 @@ _PLAIN = MoENames()
 _MIXTRAL = MoENames(block="block_sparse_moe", expert_proj=("w1", "w3", "w2"))
 
 
-def _require(config: dict, key: str, where: str):
-    if key not in config:
-        raise ConfigError(f"config.json: {where} model needs key {key!r}")
-    return config[key]
+def _require(config: dict, key: str, where: str, *aliases: str):
+    """``config[key]`` (or the first alias present, for names that differ between releases)."""
+    for name in (key, *aliases):
+        if name in config:
+            return config[name]
+    also = f" (or {', '.join(repr(a) for a in aliases)})" if aliases else ""
+    raise ConfigError(f"config.json: {where} model needs key {key!r}{also}")
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ class MoEModelConfig:
             expected = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
             return cls(model_type, hidden, layers, e, inter, n_shared * inter, routing, _DEEPSEEK, expected)
         if model_type in ("qwen2_moe", "qwen3_moe"):
-            e = int(_require(config, "num_experts", model_type))
+            # transformers 5 writes Qwen3-MoE's expert count as num_local_experts; hub configs say num_experts
+            e = int(_require(config, "num_experts", model_type, "num_local_experts"))
             inter = int(_require(config, "moe_intermediate_size", model_type))
             shared = int(config.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
             step = int(config.get("decoder_sparse_step", 1) or 1)
