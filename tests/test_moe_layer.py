@@ -139,7 +139,7 @@ def test_weights_stay_packed():
     from w4a8moe.formats import MoEModelConfig
 
     mc = MoEModelConfig.from_dict(cfg)
-    module = W4A8MoE.from_quantized(quantize_moe_layer(random_float_moe_layer(cfg)), mc.routing)
+    module = W4A8MoE.from_quantized(quantize_moe_layer(random_float_moe_layer(cfg)), mc.routing, backend="reference")
     e, h, i = mc.num_experts, mc.hidden_size, mc.moe_intermediate_size
     int8_bytes = sum(b.numel() for b in module.experts.buffers() if b.dtype == torch.int8)
     assert int8_bytes == e * 3 * h * i // 2  # 4 bits per routed weight, nothing unpacked kept
@@ -158,3 +158,39 @@ def test_odd_sizes_through_a_checkpoint(tmp_path, fmt):
     module = ckpt.moe_layer(0, backend="reference")
     x = (torch.randn(11, 34) * 3).to(torch.bfloat16)
     _assert_close_bf16(module(x), _reference_forward(ckpt.load_moe_layer_tensors(0), ckpt.model_config.routing, x))
+
+
+class _RelayingBackend:
+    """A backend that keeps its own copy of the weights, as the native CPU kernel does."""
+
+    name = "relaying"
+
+    def prepare(self, weights):
+        from w4a8moe.kernels import PackedExpertWeights
+
+        return {"copy": PackedExpertWeights(weights.w13.clone(), weights.w13_scale, weights.w2.clone(),
+                                            weights.w2_scale)}
+
+    def grouped_forward(self, prepared, *args):
+        from w4a8moe.kernels import get_backend
+
+        return get_backend("reference").grouped_forward(prepared["copy"], *args)
+
+
+def test_relaid_weights_are_held_once():
+    cfg = tiny_config("deepseek_v3")
+    from w4a8moe.formats import MoEModelConfig
+
+    mc = MoEModelConfig.from_dict(cfg)
+    layer_q = quantize_moe_layer(random_float_moe_layer(cfg, seed=4))
+    x = torch.randn(7, mc.hidden_size).to(torch.bfloat16)
+    expect = W4A8MoE.from_quantized(layer_q, mc.routing, backend="reference")(x)
+    module = W4A8MoE.from_quantized(layer_q, mc.routing, backend=_RelayingBackend())
+    assert module.experts.released and module.experts.w13 is None
+    assert "experts.w13" not in module.state_dict()
+    assert torch.equal(module(x), expect)
+    with pytest.raises(RuntimeError, match="released"):
+        module.set_backend("reference")
+    kept = W4A8MoE.from_quantized(layer_q, mc.routing, backend=_RelayingBackend(), keep_packed=True)
+    kept.set_backend("reference")
+    assert torch.equal(kept(x), expect)

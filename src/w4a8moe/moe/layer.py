@@ -19,6 +19,8 @@ class PackedExperts(nn.Module):
 
     Buffers: ``w13`` int8 ``[E, I, H]`` (gate then up, packed pairs), ``w13_scale`` fp32
     ``[E, 2I]``, ``w2`` int8 ``[E, H/2, I]``, ``w2_scale`` fp32 ``[E, H]``, ``alpha`` fp32 ``[E]``.
+    After :meth:`release_packed` the two weight buffers are ``None``: a backend that re-laid
+    the weights holds the only copy, so expert memory stays at 4 bits per weight.
     """
 
     def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
@@ -36,13 +38,25 @@ class PackedExperts(nn.Module):
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"PackedExperts.{name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
             self.register_buffer(name, t.contiguous())
+        self.num_experts, self.intermediate_size, self.hidden_size = e, inter, hidden
 
     @property
-    def num_experts(self) -> int:
-        return self.w13.shape[0]
+    def released(self) -> bool:
+        """Whether the on-disk packed weights were dropped in favour of a backend's layout."""
+        return self.w13 is None
+
+    def release_packed(self) -> None:
+        """Drop the SPEC-4 packed weights (scales and clips stay)."""
+        self.register_buffer("w13", None)
+        self.register_buffer("w2", None)
 
     def weights(self) -> PackedExpertWeights:
         """The packed weights as the kernel interface takes them."""
+        if self.released:
+            raise RuntimeError(
+                "the packed expert weights were released after a backend re-laid them; rebuild the layer "
+                "(or build it with keep_packed=True) to switch backends"
+            )
         return PackedExpertWeights(self.w13, self.w13_scale, self.w2, self.w2_scale)
 
 
@@ -76,15 +90,18 @@ class W4A8MoE(nn.Module):
     ``forward(x)`` takes bf16 ``[M, H]`` (or ``[..., H]``) and returns bf16 of the same shape:
     ``shared(x) + routed_scaling_factor * sum_k w_k * expert_k(x)``, the sum formed in fp32.
     ``apply_alpha=False`` ignores the activation clips, as the upstream sglang NPU path does.
+    When the backend re-lays the weights (the native CPU kernel does), the on-disk packed
+    copy is released so that experts are held once, at 4 bits per weight; ``keep_packed=True``
+    keeps it (needed only to switch backends later with :meth:`set_backend`).
     """
 
     def __init__(self, router_weight: torch.Tensor, routing: RoutingConfig, experts: PackedExperts,
                  correction_bias: torch.Tensor | None = None, shared: nn.Module | None = None,
-                 apply_alpha: bool = True, backend: str | ExpertBackend | None = None):
+                 apply_alpha: bool = True, backend: str | ExpertBackend | None = None, keep_packed: bool = False):
         super().__init__()
-        if router_weight.shape != (routing.num_experts, experts.w13.shape[2]):
+        if router_weight.shape != (routing.num_experts, experts.hidden_size):
             raise ValueError(
-                f"router weight: expected [{routing.num_experts}, {experts.w13.shape[2]}], got {list(router_weight.shape)}"
+                f"router weight: expected [{routing.num_experts}, {experts.hidden_size}], got {list(router_weight.shape)}"
             )
         if experts.num_experts != routing.num_experts:
             raise ValueError(f"{experts.num_experts} experts given, routing expects {routing.num_experts}")
@@ -97,11 +114,12 @@ class W4A8MoE(nn.Module):
         self.experts = experts
         self.shared = shared
         self.apply_alpha = apply_alpha
+        self.keep_packed = keep_packed
         self.set_backend(backend)
 
     @classmethod
     def from_quantized(cls, layer: QuantizedMoELayer, routing: RoutingConfig, apply_alpha: bool = True,
-                       backend: str | ExpertBackend | None = None) -> "W4A8MoE":
+                       backend: str | ExpertBackend | None = None, keep_packed: bool = False) -> "W4A8MoE":
         """Build the module from a layer's quantized tensors (as a checkpoint or the converter holds them)."""
         experts = PackedExperts(
             w13=torch.cat((layer.packed["gate"], layer.packed["up"]), dim=1),
@@ -123,12 +141,16 @@ class W4A8MoE(nn.Module):
                 else:
                     projections.append(W8A8Linear(weight, scale))
             shared = SharedExpert(*projections, gate_weight=layer.shared_expert_gate)
-        return cls(layer.router_weight, routing, experts, layer.correction_bias, shared, apply_alpha, backend)
+        return cls(layer.router_weight, routing, experts, layer.correction_bias, shared, apply_alpha, backend,
+                   keep_packed)
 
     def set_backend(self, backend: str | ExpertBackend | None = None) -> None:
         """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available)."""
-        self.backend = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
-        self._prepared = self.backend.prepare(self.experts.weights())
+        chosen = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
+        prepared = chosen.prepare(self.experts.weights())
+        self.backend, self._prepared = chosen, prepared
+        if not isinstance(prepared, PackedExpertWeights) and not self.keep_packed:
+            self.experts.release_packed()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
