@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -35,7 +36,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-_ELEMENT_SIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in SAFETENSORS_DTYPES.items()}
+_ELEMENT_SIZE = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry") from exc
         if dtype_name not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype_name}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * _ELEMENT_SIZE[dtype_name]:
+        if end - start != math.prod(shape) * _ELEMENT_SIZE[dtype_name]:
             raise CheckpointError(
                 f"{path.name}: tensor {name!r} byte range {start}..{end} does not match {dtype_name} {list(shape)}"
             )
@@ -194,10 +192,7 @@ class ShardedSafetensorsReader:
         """Total bytes of tensor data."""
         total = 0
         for info in self.infos.values():
-            numel = 1
-            for d in info.shape:
-                numel *= d
-            total += numel * torch.empty((), dtype=info.dtype).element_size()
+            total += math.prod(info.shape) * info.dtype.itemsize
         return total
 
 
