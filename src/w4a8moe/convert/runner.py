@@ -10,6 +10,7 @@ model dtype) are carried in memory from layer to layer.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,15 @@ _FAMILIES = {
     "olmoe": ("olmoe", "Olmoe"),
 }
 _FP32_KEYS = ("e_score_correction_bias",)
+# Memory: oneDNN (via ideep) caches the bf16 matmul primitives of every distinct shape, about
+# 0.7 MB per shape, up to 1024 shapes (two caches: ideep's ``LRU_CACHE_CAPACITY`` and oneDNN's
+# ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``). The eager expert loop of a transformers MoE layer runs
+# matmuls with a new row count (the tokens routed to the expert) almost every call, so with the
+# default capacities the caches grew native heap by ~30 MB per decoder layer, to ~0.7 GB and
+# beyond, while almost never hitting. Both are read when oneDNN first builds a primitive, so the
+# bound only applies if nothing in this process ran a oneDNN matmul before; a value the user
+# set in the environment wins.
+_ONEDNN_CACHE_CAPACITY = "16"
 
 
 @dataclass
@@ -73,6 +83,8 @@ class LayerRunner:
     """Builds one transformers decoder layer at a time from the source and runs it."""
 
     def __init__(self, source: SourceCheckpoint, dtype: torch.dtype, batch_size: int = 8):
+        for var in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+            os.environ.setdefault(var, _ONEDNN_CACHE_CAPACITY)
         self.source = source
         self.dtype = dtype
         self.batch_size = batch_size
