@@ -283,10 +283,6 @@ class ShardedSafetensorsWriter:
         self.total_bytes = int(total_bytes)
         self._shard_count = len(set(weight_map.values()))
 
-    def pending_names(self) -> list[str]:
-        """Names queued for the next shard, in order."""
-        return list(self._pending)
-
     def shard_name(self, number: int) -> str:
         """File name of shard ``number`` (1-based)."""
         return f"{self.prefix}-{number:05d}.safetensors"
@@ -300,11 +296,6 @@ class ShardedSafetensorsWriter:
             self.flush()
         self._pending[name] = tensor.detach().cpu()
         self._pending_bytes += size
-
-    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue several tensors in order."""
-        for name, tensor in tensors.items():
-            self.add(name, tensor)
 
     def flush(self) -> str | None:
         """Write the queued tensors as the next shard; return its file name."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from w4a8moe.quant import quantize_int8_per_channel, w8a8_linear
+from w4a8moe.quant import w8a8_linear
 
 
 class W8A8Linear(nn.Module):
@@ -19,12 +19,6 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.reshape(-1).to(torch.float32))
         self.in_features = weight_q.shape[1]
         self.out_features = weight_q.shape[0]
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "W8A8Linear":
-        """Quantize a float ``[N, K]`` weight."""
-        q, s = quantize_int8_per_channel(weight)
-        return cls(q, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8_linear(x, self.weight, self.weight_scale, out_dtype=torch.bfloat16)
