@@ -22,7 +22,7 @@ from tests.conftest import adversarial_rows
 from tests.reference import spec_numpy as ref
 from w4a8moe.formats import MoEModelConfig, quantize_moe_layer
 from w4a8moe.kernels import cpu as cpu_mod
-from w4a8moe.kernels.base import PackedExpertWeights, available_backends, get_backend
+from w4a8moe.kernels.base import PackedExpertWeights, available_backends, combine_rows, get_backend
 from w4a8moe.kernels.reference import ReferenceBackend
 from w4a8moe.models.synthetic import random_float_moe_layer, tiny_config
 from w4a8moe.moe import W4A8MoE
@@ -47,6 +47,14 @@ def _backend_or_skip(isa: str) -> cpu_mod.CpuBackend:
     return cpu_mod.CpuBackend(isa)
 
 
+def test_kernel_builds_where_a_compiler_and_avx2_exist():
+    # The other tests skip where the kernel cannot be built; this one keeps a broken C source
+    # from passing as "cannot be built here" on any machine that should build it.
+    if cpu_mod._compiler() is None or " avx2 " not in f" {cpu_mod._cpu_flags()} ":
+        pytest.skip("no C compiler or no AVX2 on this machine")
+    assert cpu_mod.load_kernel("native").isa in ("avx2", "avx-vnni", "avx512-vnni")
+
+
 ISAS = ["native", "avx2", "avx2-maddubs"]
 
 
@@ -61,7 +69,7 @@ def native() -> cpu_mod.CpuBackend:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16)
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
 def _assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -265,6 +273,70 @@ def test_grouped_forward_against_numpy_spec(native):
         assert bool((np.abs(got[lo:hi] - expect) <= bound).all())
         diff_count += int((got[lo:hi] != expect).sum())
     assert diff_count <= 0.01 * got.size
+
+
+def test_combine_rows_against_numpy_spec():
+    g = torch.Generator().manual_seed(7)
+    rows = (torch.randn(23, 40, generator=g) * torch.logspace(-3, 3, 40)).to(torch.bfloat16)
+    rows[4] = 0.0
+    rows[5] = -0.0
+    token_ids = torch.randint(0, 9, (23,), generator=g)  # token 9 of 10 has no row
+    weights = torch.rand(23, generator=g)
+    got = combine_rows(rows, token_ids, weights, 10)
+    expect = ref.combine_rows(rows.float().numpy(), token_ids.numpy(), weights.numpy(), 10)
+    assert np.array_equal(got.numpy().view(np.int32), expect.view(np.int32))
+    assert bool((got[9] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "e,h,inter,m,top_k",
+    [
+        (5, 96, 40, 13, 3),
+        (7, 70, 33, 1, 1),    # M = 1, odd sizes
+        (3, 64, 64, 0, 2),    # M = 0
+        (9, 130, 17, 31, 5),
+        (4, 32, 2, 6, 4),     # every expert gets every token
+    ],
+)
+def test_combined_forward_matches_reference(backend, e, h, inter, m, top_k):
+    weights = _random_experts(e, h, inter, seed=e + h)
+    x = adversarial_rows(m, h, seed=m + 3) if m else torch.zeros(0, h)
+    x_q, x_scale = dynamic_quant_per_token(x)
+    ids = _random_ids(m, e, top_k, seed=m + 1)
+    token_ids, offsets = _routing(ids, e)
+    g = torch.Generator().manual_seed(m)
+    row_weights = torch.rand(token_ids.numel(), generator=g)
+    alpha = torch.linspace(0.3, 1.0, e)
+    reference = ReferenceBackend()
+    expect = reference.combined_forward(reference.prepare(weights), x_q, x_scale, token_ids, offsets, alpha,
+                                        row_weights)
+    got = backend.combined_forward(backend.prepare(weights), x_q, x_scale, token_ids, offsets, alpha, row_weights)
+    assert got.shape == (m, h) and got.dtype == torch.float32
+    _assert_bitwise(got, expect)
+
+
+def test_combined_forward_tokens_without_rows(native):
+    # Tokens 1 and 3 have no routed row (a caller may drop tokens): their sum is exactly 0.
+    # Rows for a token arrive from different experts, so their order is not the token order.
+    e, h, inter = 4, 64, 32
+    weights = _random_experts(e, h, inter, seed=9)
+    x_q, x_scale = dynamic_quant_per_token(adversarial_rows(5, h, seed=1))
+    token_ids = torch.tensor([4, 0, 2, 0, 4, 2])
+    offsets = torch.tensor([0, 2, 2, 4, 6])  # expert 1 empty
+    row_weights = torch.tensor([0.5, 1.0, -2.0, 0.25, 3.0, 1e-3])
+    alpha = torch.ones(e)
+    reference = ReferenceBackend()
+    expect = reference.combined_forward(reference.prepare(weights), x_q, x_scale, token_ids, offsets, alpha,
+                                        row_weights)
+    got = native.combined_forward(native.prepare(weights), x_q, x_scale, token_ids, offsets, alpha, row_weights)
+    _assert_bitwise(got, expect)
+    assert bool((got[[1, 3]] == 0).all())
+    # No rows at all: zeros of the token count.
+    empty = native.combined_forward(native.prepare(weights), x_q, x_scale, torch.zeros(0, dtype=torch.int64),
+                                    torch.zeros(e + 1, dtype=torch.int64), alpha, torch.zeros(0))
+    assert empty.shape == (5, h) and bool((empty == 0).all())
+    with pytest.raises(ValueError, match="row_weights"):
+        native.combined_forward(native.prepare(weights), x_q, x_scale, token_ids, offsets, alpha, row_weights[:3])
 
 
 def test_grouped_forward_rejects_bad_routing(native):

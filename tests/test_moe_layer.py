@@ -176,6 +176,11 @@ class _RelayingBackend:
 
         return get_backend("reference").grouped_forward(prepared["copy"], *args)
 
+    def combined_forward(self, prepared, *args):
+        from w4a8moe.kernels import get_backend
+
+        return get_backend("reference").combined_forward(prepared["copy"], *args)
+
 
 def test_relaid_weights_are_held_once():
     cfg = tiny_config("deepseek_v3")

@@ -140,6 +140,15 @@ def w8a8(x: np.ndarray, wq: np.ndarray, s: np.ndarray) -> np.ndarray:
     return int_matmul(xq, a, wq, s)
 
 
+def combine_rows(rows: np.ndarray, token_ids: np.ndarray, weights: np.ndarray, m: int) -> np.ndarray:
+    """Per-token weighted sum of expert rows, in fp32, adding in row order onto zeros."""
+    out = np.zeros((m, rows.shape[1]), dtype=np.float32)
+    for r in range(rows.shape[0]):
+        t = token_ids[r]
+        out[t] = out[t] + rows[r].astype(np.float32) * np.float32(weights[r])
+    return out
+
+
 def moe_forward(x, router_w, routing, experts, alpha, shared=None, correction_bias=None, shared_gate=None):
     """A whole W4A8 MoE block, SPEC 1-3.
 

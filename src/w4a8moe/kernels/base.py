@@ -63,6 +63,36 @@ class ExpertBackend(Protocol):
         ``alpha`` fp32 ``[E]`` holds the activation clips (all ones to disable).
         """
 
+    def combined_forward(
+        self,
+        prepared: object,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        alpha: torch.Tensor,
+        row_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The expert path and the weighted sum per token: fp32 ``[M, H]``, bit-identical to
+        ``combine_rows(grouped_forward(...), token_ids, row_weights, M)``.
+
+        ``row_weights`` fp32 ``[R]`` is row ``r``'s routing weight.
+        """
+
+
+def combine_rows(rows: torch.Tensor, token_ids: torch.Tensor, row_weights: torch.Tensor,
+                 num_tokens: int) -> torch.Tensor:
+    """``out[t] = sum of row_weights[r] * rows[r]`` over the rows ``r`` of token ``t``: fp32
+    ``[num_tokens, H]``.
+
+    The order is part of the definition, so that every backend gets the same bits: each
+    product is an fp32 multiply of the bf16 row by its weight, added in increasing ``r`` onto
+    zeros (``index_add_`` adds in index order).
+    """
+    out = torch.zeros((num_tokens, rows.shape[-1]), dtype=torch.float32)
+    out.index_add_(0, token_ids, rows.to(torch.float32) * row_weights.to(torch.float32).reshape(-1, 1))
+    return out
+
 
 _FACTORIES: dict[str, Callable[[], ExpertBackend | None]] = {}
 _PREFERENCE: list[str] = []

@@ -35,7 +35,7 @@ from w4a8moe.quant import swiglu_fp32
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 ISA_FLAGS: dict[str, list[str]] = {
     # Everything the compiling CPU has: AVX-512 VNNI where present.
@@ -145,7 +145,7 @@ class KernelLibrary:
         lib.w4a8_gemm.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT]
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
-                                         _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+                                         _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
         lib.w4a8_swiglu_clip_quant.restype = _INT
         lib.w4a8_swiglu_clip_quant.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _P, _I64, _I64, _I64, _P, _P, _P,
                                                _INT]
@@ -375,9 +375,12 @@ class CpuBackend:
         self.kernel.check(status)
         return h, h_q, c
 
-    def _buffers(self, rows: int, hidden: int, inter: int, threads: int) -> dict[str, torch.Tensor]:
+    def _buffers(self, rows: int, tokens: int, hidden: int, inter: int, threads: int) -> dict[str, torch.Tensor]:
         # Scratch is kept per thread and only grows, so steady-state calls allocate nothing large.
         need = {
+            "rows": (rows * hidden, torch.int16),
+            "token_rows": (rows, torch.int64),
+            "token_start": (tokens + 1, torch.int64),
             "xg": (rows * _round_up(hidden, 4), torch.int8),
             "gu": (rows * 2 * inter, torch.int16),
             "hq": (rows * _round_up(inter, 4), torch.int8),
@@ -404,6 +407,29 @@ class CpuBackend:
         alpha: torch.Tensor,
     ) -> torch.Tensor:
         """The expert path for routed rows (see :class:`w4a8moe.kernels.base.ExpertBackend`)."""
+        return self._forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha, None)
+
+    def combined_forward(
+        self,
+        prepared: CpuPreparedExperts,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        alpha: torch.Tensor,
+        row_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The expert path and the per-token weighted sum in one kernel call: the rows stay in
+        scratch and are summed in the kernel's last phase (see
+        :class:`w4a8moe.kernels.base.ExpertBackend`)."""
+        if row_weights.numel() != token_ids.numel():
+            raise ValueError(f"row_weights must have {token_ids.numel()} values, got {row_weights.numel()}")
+        return self._forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha,
+                             row_weights.to(torch.float32).reshape(-1).contiguous())
+
+    def _forward(self, prepared: CpuPreparedExperts, x_q: torch.Tensor, x_scale: torch.Tensor,
+                 token_ids: torch.Tensor, expert_offsets: torch.Tensor, alpha: torch.Tensor,
+                 row_weights: torch.Tensor | None) -> torch.Tensor:
         e, hidden, inter = prepared.num_experts, prepared.hidden_size, prepared.intermediate_size
         if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != hidden:
             raise ValueError(f"x_q must be int8 [M, {hidden}], got {x_q.dtype} {list(x_q.shape)}")
@@ -413,26 +439,34 @@ class CpuBackend:
             raise ValueError(f"expert_offsets must have {e + 1} entries, got {expert_offsets.numel()}")
         if alpha.numel() != e:
             raise ValueError(f"alpha must have {e} entries, got {alpha.numel()}")
-        rows = token_ids.numel()
+        rows, tokens = token_ids.numel(), x_q.shape[0]
         offsets = expert_offsets.to(torch.int64).contiguous()
         if int(offsets[-1]) != rows:
             raise ValueError(f"expert_offsets end at {int(offsets[-1])} but there are {rows} routed rows")
-        out = torch.empty((rows, hidden), dtype=torch.bfloat16)
-        if rows == 0:
-            return out
+        combine = row_weights is not None
+        if combine:
+            out = torch.empty((tokens, hidden), dtype=torch.float32)
+        else:
+            out = torch.empty((rows, hidden), dtype=torch.bfloat16)
+            if rows == 0:
+                return out
         x_q = x_q.contiguous()
         xs = x_scale.to(torch.float32).reshape(-1).contiguous()
         ids = token_ids.to(torch.int64).contiguous()
         alpha32 = alpha.to(torch.float32).contiguous()
         tables = silu_tables()
         threads = self.num_threads
-        buf = self._buffers(rows, hidden, inter, threads)
+        buf = self._buffers(rows, tokens, hidden, inter, threads)
+        # Combined: the bf16 rows go to reused scratch and only the [M, H] sum is new memory.
+        rows_ptr = _ptr(buf["rows"]) if combine else _ptr(out)
         status = self.kernel.lib.w4a8_moe_forward(
             _ptr(prepared.w13), _ptr(prepared.w13_scale), _ptr(prepared.w2), _ptr(prepared.w2_scale),
-            e, hidden, inter, _ptr(x_q), _ptr(xs), x_q.shape[0], _ptr(ids), _ptr(offsets), _ptr(alpha32),
+            e, hidden, inter, _ptr(x_q), _ptr(xs), tokens, _ptr(ids), _ptr(offsets), _ptr(alpha32),
             _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(), TORCH_GRAIN_SIZE,
             _ptr(buf["xg"]), _ptr(buf["gu"]), _ptr(buf["hq"]), _ptr(buf["h"]), _ptr(buf["xsum"]),
-            _ptr(buf["hsum"]), _ptr(buf["xs"]), _ptr(buf["hs"]), _ptr(out), threads,
+            _ptr(buf["hsum"]), _ptr(buf["xs"]), _ptr(buf["hs"]), rows_ptr,
+            _ptr(row_weights) if combine else None, _ptr(buf["token_rows"]) if combine else None,
+            _ptr(buf["token_start"]) if combine else None, _ptr(out) if combine else None, threads,
         )
         self.kernel.check(status)
         return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from w4a8moe.kernels.base import PackedExpertWeights, register_backend
+from w4a8moe.kernels.base import PackedExpertWeights, combine_rows, register_backend
 from w4a8moe.quant import scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
 
 
@@ -41,6 +41,19 @@ class ReferenceBackend:
             h_q, h_scale = swiglu_clip_quant(gate_up, alpha[e])
             out[start:end] = scaled_int_matmul(h_q, h_scale, unpack_int4_pairs(prepared.w2[e]), prepared.w2_scale[e])
         return out
+
+    def combined_forward(
+        self,
+        prepared: PackedExpertWeights,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        alpha: torch.Tensor,
+        row_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        rows = self.grouped_forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha)
+        return combine_rows(rows, token_ids, row_weights, x_q.shape[0])
 
 
 register_backend("reference", ReferenceBackend, priority=100)

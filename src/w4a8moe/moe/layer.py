@@ -160,9 +160,8 @@ class W4A8MoE(nn.Module):
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor."""
         m, k = ids.shape
-        out = torch.zeros((m, x.shape[-1]), dtype=torch.float32)
         if m == 0:
-            return out
+            return torch.zeros((0, x.shape[-1]), dtype=torch.float32)
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         token_ids = torch.div(order, k, rounding_mode="floor")
@@ -171,10 +170,8 @@ class W4A8MoE(nn.Module):
         offsets[1:] = torch.cumsum(counts, 0)
         alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
         x_q, x_scale = dynamic_quant_per_token(x)
-        rows = self.backend.grouped_forward(self._prepared, x_q, x_scale, token_ids, offsets, alpha)
-        row_weights = weights.reshape(-1)[order].unsqueeze(-1)
-        out.index_add_(0, token_ids, rows.to(torch.float32) * row_weights)
-        return out
+        row_weights = weights.reshape(-1)[order]
+        return self.backend.combined_forward(self._prepared, x_q, x_scale, token_ids, offsets, alpha, row_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -47,7 +47,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 1
+#define W4A8_ABI_VERSION 2
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -63,7 +63,7 @@ int w4a8_abi_version(void) { return W4A8_ABI_VERSION; }
 
 /* ---- the work pool -------------------------------------------------------------------- */
 
-#define MAX_PHASES 4
+#define MAX_PHASES 5
 #define MAX_THREADS 256
 #define HELPER_SPIN_NS 50000 /* a helper polls this long for the next job before it sleeps */
 
@@ -655,9 +655,32 @@ typedef struct {
     uint16_t *gu, *out;
     float *hbuf, *xs, *hs;
     int32_t *xsum, *hsum;
+    /* The fused combine (NULL out_f32: none): token t's rows, in increasing r, are
+     * token_rows[token_start[t] .. token_start[t + 1]). */
+    const float *row_weights;
+    const int64_t *token_rows, *token_start;
+    float *out_f32;
 } moe_args;
 
-enum { PHASE_GATHER, PHASE_GMM1, PHASE_SWIGLU, PHASE_GMM2 };
+enum { PHASE_GATHER, PHASE_GMM1, PHASE_SWIGLU, PHASE_GMM2, PHASE_COMBINE };
+
+/* out[t, :] = sum over token t's rows r, in increasing r, of float(rows[r, :]) * w[r]: an fp32
+ * multiply, then an fp32 add onto 0 + the earlier terms, exactly what torch's
+ * zeros().index_add_(0, token_ids, rows.float() * w) computes. Plain C (no FMA: the build uses
+ * -ffp-contract=off), which the compiler vectorizes for any ISA. */
+static void combine_token(const uint16_t *rows, int64_t hidden, const float *w, const int64_t *token_rows,
+                          int64_t count, float *out) {
+    for (int64_t j = 0; j < hidden; j++) out[j] = 0.0f;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t r = token_rows[i];
+        const uint16_t *row = rows + r * hidden;
+        const float wr = w[r];
+        for (int64_t j = 0; j < hidden; j++) {
+            const float product = bf16_to_f32(row[j]) * wr;
+            out[j] = out[j] + product;
+        }
+    }
+}
 
 #if W4A8_ISA != 0
 static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
@@ -690,7 +713,7 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
                                   a->vec_block, r - a->offsets[lo], a->offsets[lo + 1] - a->offsets[lo],
                                   a->torch_threads, a->grain, h, a->hq + r * a->ip, a->hs + r, a->hsum + r);
         }
-    } else {
+    } else if (phase == PHASE_GMM2) {
         for (int64_t it = begin; it < end; it++) {
             const int64_t e = a->active[it / a->nb2], b = it % a->nb2, r0 = a->offsets[e];
             block_job bj = {a->w2 + e * a->w2_stride + b * a->kq2 * LINE, a->kq2, a->hq + r0 * a->ip, a->ip,
@@ -699,6 +722,10 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
                             a->out + r0 * a->hidden + b * NBLOCK, a->hidden};
             run_block_job(&bj, a->offsets[e + 1] - r0);
         }
+    } else {
+        for (int64_t t = begin; t < end; t++)
+            combine_token(a->out, a->hidden, a->row_weights, a->token_rows + a->token_start[t],
+                          a->token_start[t + 1] - a->token_start[t], a->out_f32 + t * a->hidden);
     }
 }
 #endif
@@ -708,18 +735,22 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
  * token token_ids[r] of x_q [M, H]; out is bf16 [R, H]. Scratch buffers are supplied by the
  * caller: xg [R, Hp] int8, gu [R, 2I] bf16, hq [R, Ip] int8, h [nthreads, I] fp32,
  * xsum/hsum [R] int32, xs/hs [R] fp32 (Hp, Ip: H, I rounded up to a multiple of 4).
+ * With out_f32 [M, H] (else NULL), a last phase also combines the rows per token
+ * (combine_token, with row_weights [R]); token_rows [R] and token_start [M + 1] are scratch.
  */
 int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *w2, const float *w2_scale,
                      int64_t num_experts, int64_t hidden, int64_t inter, const int8_t *x_q, const float *x_scale,
                      int64_t num_tokens, const int64_t *token_ids, const int64_t *offsets, const float *alpha,
                      const float *silu_vec, const float *silu_scalar, int64_t vec_block, int64_t torch_threads,
                      int64_t grain, int8_t *xg, uint16_t *gu, int8_t *hq, float *hbuf, int32_t *xsum,
-                     int32_t *hsum, float *xs, float *hs, uint16_t *out, int nthreads) {
+                     int32_t *hsum, float *xs, float *hs, uint16_t *out, const float *row_weights,
+                     int64_t *token_rows, int64_t *token_start, float *out_f32, int nthreads) {
 #if W4A8_ISA == 0
     (void)w13; (void)w13_scale; (void)w2; (void)w2_scale; (void)num_experts; (void)hidden; (void)inter;
     (void)x_q; (void)x_scale; (void)num_tokens; (void)token_ids; (void)offsets; (void)alpha; (void)silu_vec;
     (void)silu_scalar; (void)vec_block; (void)torch_threads; (void)grain; (void)xg; (void)gu; (void)hq;
-    (void)hbuf; (void)xsum; (void)hsum; (void)xs; (void)hs; (void)out; (void)nthreads;
+    (void)hbuf; (void)xsum; (void)hsum; (void)xs; (void)hs; (void)out; (void)row_weights; (void)token_rows;
+    (void)token_start; (void)out_f32; (void)nthreads;
     return W4A8_ERR_NO_SIMD;
 #else
     if (offsets[0] != 0) return W4A8_ERR_OFFSETS;
@@ -728,7 +759,19 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     const int64_t rows = offsets[num_experts];
     for (int64_t r = 0; r < rows; r++)
         if (token_ids[r] < 0 || token_ids[r] >= num_tokens) return W4A8_ERR_TOKEN_ID;
-    if (rows == 0) return W4A8_OK;
+    if (out_f32) {
+        /* Each token's rows in increasing r: a counting sort by token, O(R + M). */
+        for (int64_t t = 0; t <= num_tokens; t++) token_start[t] = 0;
+        for (int64_t r = 0; r < rows; r++) token_start[token_ids[r] + 1]++;
+        for (int64_t t = 0; t < num_tokens; t++) token_start[t + 1] += token_start[t];
+        for (int64_t r = 0; r < rows; r++) token_rows[token_start[token_ids[r]]++] = r;
+        for (int64_t t = num_tokens; t > 0; t--) token_start[t] = token_start[t - 1];
+        token_start[0] = 0;
+    }
+    if (rows == 0) {
+        if (out_f32) memset(out_f32, 0, (size_t)(num_tokens * hidden) * sizeof(float));
+        return W4A8_OK;
+    }
 
     /* Work items over experts that have rows; an empty expert costs nothing. */
     int64_t *active = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t));
@@ -748,8 +791,9 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     a.alpha = alpha; a.silu_vec = silu_vec; a.silu_scalar = silu_scalar;
     a.vec_block = vec_block; a.torch_threads = torch_threads; a.grain = grain;
     a.xg = xg; a.hq = hq; a.gu = gu; a.out = out; a.hbuf = hbuf; a.xs = xs; a.hs = hs; a.xsum = xsum; a.hsum = hsum;
+    a.row_weights = row_weights; a.token_rows = token_rows; a.token_start = token_start; a.out_f32 = out_f32;
 
-    pool_job job = {.nphases = 4, .run = moe_phase, .args = &a};
+    pool_job job = {.nphases = out_f32 ? 5 : 4, .run = moe_phase, .args = &a};
     job.total[PHASE_GATHER] = rows;
     job.chunk[PHASE_GATHER] = chunk_for(rows, nthreads, 2);
     job.total[PHASE_GMM1] = nact * a.nb1;
@@ -759,6 +803,8 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     job.chunk[PHASE_SWIGLU] = chunk_for(rows, nthreads, 4);
     job.total[PHASE_GMM2] = nact * a.nb2;
     job.chunk[PHASE_GMM2] = chunk_for(job.total[PHASE_GMM2], nthreads, 32);
+    job.total[PHASE_COMBINE] = num_tokens;
+    job.chunk[PHASE_COMBINE] = chunk_for(num_tokens, nthreads, 4);
     pool_submit(&job, nthreads);
     free(active);
     return W4A8_OK;
