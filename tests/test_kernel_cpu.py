@@ -34,6 +34,7 @@ from w4a8moe.quant import (
     swiglu_clip_quant,
     swiglu_fp32,
     unpack_int4_pairs,
+    w8a8_linear,
 )
 
 
@@ -119,6 +120,63 @@ def test_gemm_scaled_bf16_matches_scaled_int_matmul(backend):
     y = backend.gemm(backend.relayout(pack_int4_pairs(q)), n, k, x, x_scale, w_scale)
     _assert_bitwise(y, scaled_int_matmul(x, x_scale, q, w_scale))
     assert np.array_equal(y.float().numpy(), ref.int_matmul(x.numpy(), x_scale.numpy(), q.numpy(), w_scale.numpy()))
+
+
+# ---- int8 weights (W8A8 Linears) as two int4 planes ----------------------------------------------
+
+
+def test_int8_splits_into_two_int4_planes_exactly():
+    w = torch.arange(-128, 128, dtype=torch.int8)
+    hi, lo = cpu_mod.split_int8_into_int4_planes(w)
+    assert int(hi.min()) >= -8 and int(hi.max()) <= 7 and int(lo.min()) >= -8 and int(lo.max()) <= 7
+    assert torch.equal(hi.to(torch.int32) * 16 + lo.to(torch.int32) + 8, w.to(torch.int32))
+
+
+@pytest.mark.parametrize("n,k,m", [(64, 256, 1), (33, 70, 13), (5, 7, 3), (48, 130, 0), (2, 4, 40)])
+def test_int8_linear_is_exact(backend, n, k, m):
+    g = torch.Generator().manual_seed(n * k + m)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    acc = backend.int8_linear_int32(backend.prepare_int8_linear(w), x)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert np.array_equal(acc.numpy(), x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T)
+
+
+def test_int8_linear_extremes_and_overflow(native):
+    # Saturation-prone operands (an AVX2 u8 x s8 pair sum would clip here) must stay exact.
+    for wv, xv in ((-128, -128), (127, 127), (-128, 127), (127, -128)):
+        w = torch.full((40, 1031), wv, dtype=torch.int8)
+        x = torch.full((3, 1031), xv, dtype=torch.int8)
+        acc = native.int8_linear_int32(native.prepare_int8_linear(w), x)
+        assert bool((acc == wv * xv * 1031).all())
+    # K where int32 partial sums could overflow: the int64 path, exact below 2**31 ...
+    w = torch.full((2, 120_000), -128, dtype=torch.int8)
+    x = torch.full((1, 120_000), -128, dtype=torch.int8)
+    assert bool((native.int8_linear_int32(native.prepare_int8_linear(w), x) == 128 * 128 * 120_000).all())
+    # ... and the reference's OverflowError above it.
+    w = torch.full((2, 140_000), -128, dtype=torch.int8)
+    x = torch.full((1, 140_000), -128, dtype=torch.int8)
+    with pytest.raises(OverflowError):
+        native.int8_linear_int32(native.prepare_int8_linear(w), x)
+    with pytest.raises(OverflowError):
+        ReferenceBackend().int8_linear_int32(w, x)
+
+
+def test_w8a8_linear_module_is_the_same_bits_on_every_backend(native):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-127, 128, (96, 200), dtype=torch.int8, generator=g)
+    s = torch.rand(96, generator=g) * 1e-2
+    x = adversarial_rows(9, 200, seed=4).to(torch.bfloat16).reshape(3, 3, 200)
+    from w4a8moe.moe import W8A8Linear
+
+    fast = W8A8Linear(w, s, backend=native)
+    slow = W8A8Linear(w, s, backend="reference")
+    assert fast.backend.name == "cpu" and slow.backend.name == "reference"
+    y = fast(x)
+    assert y.shape == (3, 3, 96) and y.dtype == torch.bfloat16
+    _assert_bitwise(y, slow(x))
+    _assert_bitwise(y.reshape(9, 96), w8a8_linear(x.reshape(9, 200), w, s))
+    assert set(fast.state_dict()) == {"weight", "weight_scale"}
 
 
 def test_relayout_is_four_bits_and_decodes_to_the_weights(native):

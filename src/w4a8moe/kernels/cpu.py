@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, register_backend
-from w4a8moe.quant import swiglu_fp32
+from w4a8moe.quant import pack_int4_pairs, swiglu_fp32
 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
@@ -266,6 +266,24 @@ class CpuPreparedExperts:
     intermediate_size: int
 
 
+@dataclass
+class CpuInt8Linear:
+    """An int8 ``[N, K]`` Linear weight as two int4 planes ``w = 16 * hi + lo + 8`` (``hi``,
+    ``lo`` in [-8, 7]) stacked as ``[2N, K]`` and re-laid for the kernel: 8 bits per weight,
+    like the int8 weight it replaces."""
+
+    planes: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+def split_int8_into_int4_planes(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` int8 with values in [-8, 7] and ``weight_q == 16 * hi + lo + 8`` exactly."""
+    hi = weight_q >> 4  # arithmetic shift: floor(w / 16), in [-8, 7]
+    lo = (weight_q & 0x0F) - 8
+    return hi, lo
+
+
 def _round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
@@ -352,6 +370,30 @@ class CpuBackend:
                                                _ptr(out), self.num_threads)
         self.kernel.check(status)
         return out
+
+    def prepare_int8_linear(self, weight_q: torch.Tensor) -> CpuInt8Linear:
+        """Re-lay an int8 ``[N, K]`` weight as two int4 planes (see :class:`CpuInt8Linear`)."""
+        if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+            raise ValueError(f"expected an int8 [N, K] weight, got {weight_q.dtype} {list(weight_q.shape)}")
+        hi, lo = split_int8_into_int4_planes(weight_q)
+        planes = self.relayout(pack_int4_pairs(torch.cat((hi, lo))))
+        return CpuInt8Linear(planes, weight_q.shape[0], weight_q.shape[1])
+
+    def int8_linear_int32(self, prepared: CpuInt8Linear, x_q: torch.Tensor) -> torch.Tensor:
+        """Exact int32 ``x_q @ W^T`` from the planes: ``16 * (x_q @ hi^T) + x_q @ lo^T + 8 * sum(x_q)``.
+
+        On a machine with AVX-512 VNNI this is the same work per weight byte as an int8 GEMM
+        at decode (it reads N*K bytes) and twice the multiply-adds at prefill.
+        """
+        n, k = prepared.out_features, prepared.in_features
+        both = self.gemm(prepared.planes, 2 * n, k, x_q)
+        row_sums = x_q.sum(dim=1, keepdim=True, dtype=torch.int64)
+        if k * 18432 < 2**31:  # every partial sum is at most (16 * 1024 + 1024 + 8 * 128) * K
+            return both[:, :n] * 16 + both[:, n:] + (row_sums * 8).to(torch.int32)
+        acc = both[:, :n].to(torch.int64) * 16 + both[:, n:] + row_sums * 8
+        if acc.numel() and int(acc.abs().max()) >= 2**31:
+            raise OverflowError("int32 accumulator overflow")
+        return acc.to(torch.int32)
 
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: float = 1.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

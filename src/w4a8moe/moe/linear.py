@@ -5,13 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from w4a8moe.quant import w8a8_linear
+from w4a8moe.kernels import ExpertBackend, get_backend
+from w4a8moe.quant import dynamic_quant_per_token, scale_int32_accumulator
 
 
 class W8A8Linear(nn.Module):
-    """A bias-free Linear whose weight is int8 ``[N, K]`` with fp32 scales ``[N]``."""
+    """A bias-free Linear whose weight is int8 ``[N, K]`` with fp32 scales ``[N]``.
 
-    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor):
+    The integer matmul runs on a kernel backend (``backend=None``: ``$W4A8MOE_BACKEND`` or the
+    fastest available), exact in int32 like :func:`w4a8moe.quant.w8a8_linear`, so the output
+    is the same bits on every backend. The native CPU backend keeps its own 8-bit copy of the
+    weight beside ``weight`` (which stays the module's state).
+    """
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                 backend: str | ExpertBackend | None = None):
         super().__init__()
         if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
             raise ValueError(f"W8A8Linear needs an int8 [N, K] weight, got {weight_q.dtype} {tuple(weight_q.shape)}")
@@ -19,9 +27,23 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.reshape(-1).to(torch.float32))
         self.in_features = weight_q.shape[1]
         self.out_features = weight_q.shape[0]
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str | ExpertBackend | None = None) -> None:
+        """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available).
+
+        Call it again after replacing ``weight``: the backend's copy is made here."""
+        chosen = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
+        self._prepared = chosen.prepare_int8_linear(self.weight)
+        self.backend = chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8_linear(x, self.weight, self.weight_scale, out_dtype=torch.bfloat16)
+        lead = x.shape[:-1]
+        x_q, x_scale = dynamic_quant_per_token(x.reshape(-1, x.shape[-1]))
+        acc = self.backend.int8_linear_int32(self._prepared, x_q)
+        y = scale_int32_accumulator(acc, x_scale, self.weight_scale, torch.bfloat16)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8_dynamic"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w8a8_dynamic, "
+                f"backend={self.backend.name}")
