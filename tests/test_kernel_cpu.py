@@ -69,6 +69,10 @@ def native() -> cpu_mod.CpuBackend:
     return _backend_or_skip("native")
 
 
+def _round_up(v: int, to: int) -> int:
+    return (v + to - 1) // to * to
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
@@ -125,41 +129,48 @@ def test_gemm_scaled_bf16_matches_scaled_int_matmul(backend):
 # ---- int8 weights (W8A8 Linears) as two int4 planes ----------------------------------------------
 
 
-def test_int8_splits_into_two_int4_planes_exactly():
-    w = torch.arange(-128, 128, dtype=torch.int8)
-    hi, lo = cpu_mod.split_int8_into_int4_planes(w)
-    assert int(hi.min()) >= -8 and int(hi.max()) <= 7 and int(lo.min()) >= -8 and int(lo.max()) <= 7
-    assert torch.equal(hi.to(torch.int32) * 16 + lo.to(torch.int32) + 8, w.to(torch.int32))
-
-
 @pytest.mark.parametrize("n,k,m", [(64, 256, 1), (33, 70, 13), (5, 7, 3), (48, 130, 0), (2, 4, 40)])
-def test_int8_linear_is_exact(backend, n, k, m):
+def test_int8_gemm_is_exact(backend, n, k, m):
     g = torch.Generator().manual_seed(n * k + m)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-    acc = backend.int8_linear_int32(backend.prepare_int8_linear(w), x)
+    prepared = backend.prepare_int8_linear(w, torch.ones(n))
+    assert prepared.layout.numel() == 2 * _round_up(n, 32) * _round_up(k, 4) // 2  # 8 bits per weight
+    acc = backend.gemm_int8(prepared.layout, n, k, x)
     assert acc.dtype == torch.int32 and acc.shape == (m, n)
     assert np.array_equal(acc.numpy(), x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T)
 
 
-def test_int8_linear_extremes_and_overflow(native):
-    # Saturation-prone operands (an AVX2 u8 x s8 pair sum would clip here) must stay exact.
+def test_int8_gemm_extremes(backend):
+    # Saturation-prone operands: plain AVX2's u8 x s8 pair sums would clip at 255 * 127 * 2.
     for wv, xv in ((-128, -128), (127, 127), (-128, 127), (127, -128)):
         w = torch.full((40, 1031), wv, dtype=torch.int8)
         x = torch.full((3, 1031), xv, dtype=torch.int8)
-        acc = native.int8_linear_int32(native.prepare_int8_linear(w), x)
+        acc = backend.gemm_int8(backend.prepare_int8_linear(w, torch.ones(40)).layout, 40, 1031, x)
         assert bool((acc == wv * xv * 1031).all())
-    # K where int32 partial sums could overflow: the int64 path, exact below 2**31 ...
-    w = torch.full((2, 120_000), -128, dtype=torch.int8)
-    x = torch.full((1, 120_000), -128, dtype=torch.int8)
-    assert bool((native.int8_linear_int32(native.prepare_int8_linear(w), x) == 128 * 128 * 120_000).all())
-    # ... and the reference's OverflowError above it.
+
+
+@pytest.mark.parametrize("n,k,m", [(96, 200, 9), (33, 70, 1), (7, 5, 0)])
+def test_int8_linear_is_scaled_int_matmul(backend, n, k, m):
+    g = torch.Generator().manual_seed(n + k + m)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * torch.logspace(-5, 1, n)
+    x_q, x_scale = dynamic_quant_per_token(adversarial_rows(m, k, seed=m) if m else torch.zeros(0, k))
+    y = backend.int8_linear(backend.prepare_int8_linear(w, s), x_q, x_scale)
+    _assert_bitwise(y, scaled_int_matmul(x_q, x_scale, w, s))
+    _assert_bitwise(y, ReferenceBackend().int8_linear(ReferenceBackend().prepare_int8_linear(w, s), x_q, x_scale))
+
+
+def test_int8_linear_overflow_like_the_reference(native):
+    # K where int32 could overflow goes the reference's way: exact below 2**31, OverflowError above.
     w = torch.full((2, 140_000), -128, dtype=torch.int8)
-    x = torch.full((1, 140_000), -128, dtype=torch.int8)
+    ok = torch.zeros((1, 140_000), dtype=torch.int8)
+    ok[0, :100_000] = -128
+    prepared = native.prepare_int8_linear(w, torch.ones(2))
+    y = native.int8_linear(prepared, ok, torch.ones(1, 1))
+    assert bool((y.float() == float(torch.tensor(128.0 * 128 * 100_000).to(torch.bfloat16))).all())
     with pytest.raises(OverflowError):
-        native.int8_linear_int32(native.prepare_int8_linear(w), x)
-    with pytest.raises(OverflowError):
-        ReferenceBackend().int8_linear_int32(w, x)
+        native.int8_linear(prepared, torch.full((1, 140_000), -128, dtype=torch.int8), torch.ones(1, 1))
 
 
 def test_w8a8_linear_module_is_the_same_bits_on_every_backend(native):

@@ -79,12 +79,12 @@ class ExpertBackend(Protocol):
         ``row_weights`` fp32 ``[R]`` is row ``r``'s routing weight.
         """
 
-    def prepare_int8_linear(self, weight_q: torch.Tensor) -> object:
-        """Return the backend's own view of an int8 ``[N, K]`` W8A8 Linear weight."""
+    def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> object:
+        """Return the backend's own view of a W8A8 Linear: int8 ``[N, K]``, fp32 scales ``[N]``."""
 
-    def int8_linear_int32(self, prepared: object, x_q: torch.Tensor) -> torch.Tensor:
-        """``x_q [M, K] @ W^T``: the exact int32 accumulation ``[M, N]``, as
-        :func:`w4a8moe.quant.int8_matmul_int32` (including its ``OverflowError``)."""
+    def int8_linear(self, prepared: object, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """bf16 ``[M, N]``, bit-identical to :func:`w4a8moe.quant.scaled_int_matmul` of ``x_q``
+        int8 ``[M, K]``, ``x_scale`` fp32 ``[M, 1]`` and the prepared weight."""
 
 
 def combine_rows(rows: torch.Tensor, token_ids: torch.Tensor, row_weights: torch.Tensor,

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, register_backend
-from w4a8moe.quant import pack_int4_pairs, swiglu_fp32
+from w4a8moe.quant import scaled_int_matmul, swiglu_fp32
 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 ISA_FLAGS: dict[str, list[str]] = {
     # Everything the compiling CPU has: AVX-512 VNNI where present.
@@ -142,7 +142,11 @@ class KernelLibrary:
         lib.w4a8_relayout.restype = None
         lib.w4a8_relayout.argtypes = [_P, _I64, _I64, _P, _INT]
         lib.w4a8_gemm.restype = _INT
-        lib.w4a8_gemm.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT]
+        lib.w4a8_gemm.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT, _INT]
+        lib.w4a8_int8_layout_bytes.restype = _I64
+        lib.w4a8_int8_layout_bytes.argtypes = [_I64, _I64]
+        lib.w4a8_relayout_int8.restype = None
+        lib.w4a8_relayout_int8.argtypes = [_P, _I64, _I64, _P, _INT]
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
@@ -268,20 +272,15 @@ class CpuPreparedExperts:
 
 @dataclass
 class CpuInt8Linear:
-    """An int8 ``[N, K]`` Linear weight as two int4 planes ``w = 16 * hi + lo + 8`` (``hi``,
-    ``lo`` in [-8, 7]) stacked as ``[2N, K]`` and re-laid for the kernel: 8 bits per weight,
-    like the int8 weight it replaces."""
+    """An int8 ``[N, K]`` Linear weight re-laid for the kernel (8 bits per weight, as
+    ``w + 128`` bytes in the blocked layout), its scales padded to a multiple of 32, and the
+    caller's weight itself, for the rare K where int32 could overflow."""
 
-    planes: torch.Tensor
+    layout: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
     out_features: int
     in_features: int
-
-
-def split_int8_into_int4_planes(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)`` int8 with values in [-8, 7] and ``weight_q == 16 * hi + lo + 8`` exactly."""
-    hi = weight_q >> 4  # arithmetic shift: floor(w / 16), in [-8, 7]
-    lo = (weight_q & 0x0F) - 8
-    return hi, lo
 
 
 def _round_up(value: int, to: int) -> int:
@@ -350,50 +349,57 @@ class CpuBackend:
         the exact int32 accumulation ``x_q @ W^T`` ``[M, N]``; with ``x_scale`` fp32 ``[M, 1]``
         and ``w_scale`` fp32 ``[N]`` it returns bf16 ``(acc * x_scale) * w_scale``.
         """
+        if x_scale is not None and w_scale is None:
+            raise ValueError("w_scale is needed with x_scale")
+        ws = None if x_scale is None else _padded_scales(w_scale.reshape(1, n), n)
+        return self._gemm(layout, n, k, x_q, x_scale, ws, int8_weights=False)
+
+    def gemm_int8(self, layout: torch.Tensor, n: int, k: int, x_q: torch.Tensor) -> torch.Tensor:
+        """Exact int32 ``x_q @ W^T`` against an int8 weight re-laid by :meth:`prepare_int8_linear`
+        (a test entry; see :meth:`gemm`)."""
+        return self._gemm(layout, n, k, x_q, None, None, int8_weights=True)
+
+    def _gemm(self, layout: torch.Tensor, n: int, k: int, x_q: torch.Tensor, x_scale: torch.Tensor | None,
+              w_scale_padded: torch.Tensor | None, int8_weights: bool) -> torch.Tensor:
         if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != k:
             raise ValueError(f"x_q must be int8 [M, {k}], got {x_q.dtype} {list(x_q.shape)}")
-        if layout.dtype != torch.uint8 or layout.numel() != self.kernel.lib.w4a8_layout_bytes(n, k):
+        size = (self.kernel.lib.w4a8_int8_layout_bytes if int8_weights else self.kernel.lib.w4a8_layout_bytes)(n, k)
+        if layout.dtype != torch.uint8 or layout.numel() != size:
             raise ValueError("layout does not match (n, k)")
         x_q = x_q.contiguous()
         m = x_q.shape[0]
         if x_scale is None:
             out = torch.empty((m, n), dtype=torch.int32)
             status = self.kernel.lib.w4a8_gemm(_ptr(layout), n, k, _ptr(x_q), m, k, None, None, _ptr(out), None,
-                                               self.num_threads)
+                                               int(int8_weights), self.num_threads)
         else:
-            if w_scale is None:
-                raise ValueError("w_scale is needed with x_scale")
             xs = x_scale.reshape(m).to(torch.float32).contiguous()
-            ws = _padded_scales(w_scale.reshape(1, n), n)
             out = torch.empty((m, n), dtype=torch.bfloat16)
-            status = self.kernel.lib.w4a8_gemm(_ptr(layout), n, k, _ptr(x_q), m, k, _ptr(xs), _ptr(ws), None,
-                                               _ptr(out), self.num_threads)
+            status = self.kernel.lib.w4a8_gemm(_ptr(layout), n, k, _ptr(x_q), m, k, _ptr(xs), _ptr(w_scale_padded),
+                                               None, _ptr(out), int(int8_weights), self.num_threads)
         self.kernel.check(status)
         return out
 
-    def prepare_int8_linear(self, weight_q: torch.Tensor) -> CpuInt8Linear:
-        """Re-lay an int8 ``[N, K]`` weight as two int4 planes (see :class:`CpuInt8Linear`)."""
+    def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> CpuInt8Linear:
+        """Re-lay an int8 ``[N, K]`` weight (and its fp32 ``[N]`` scales) for :meth:`int8_linear`."""
         if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
             raise ValueError(f"expected an int8 [N, K] weight, got {weight_q.dtype} {list(weight_q.shape)}")
-        hi, lo = split_int8_into_int4_planes(weight_q)
-        planes = self.relayout(pack_int4_pairs(torch.cat((hi, lo))))
-        return CpuInt8Linear(planes, weight_q.shape[0], weight_q.shape[1])
+        n, k = weight_q.shape
+        if weight_scale.numel() != n:
+            raise ValueError(f"expected {n} weight scales, got {weight_scale.numel()}")
+        weight_q = weight_q.contiguous()
+        layout = torch.empty(self.kernel.lib.w4a8_int8_layout_bytes(n, k), dtype=torch.uint8)
+        self.kernel.lib.w4a8_relayout_int8(_ptr(weight_q), n, k, _ptr(layout), self.num_threads)
+        return CpuInt8Linear(layout, _padded_scales(weight_scale.reshape(1, n), n), weight_q, n, k)
 
-    def int8_linear_int32(self, prepared: CpuInt8Linear, x_q: torch.Tensor) -> torch.Tensor:
-        """Exact int32 ``x_q @ W^T`` from the planes: ``16 * (x_q @ hi^T) + x_q @ lo^T + 8 * sum(x_q)``.
-
-        On a machine with AVX-512 VNNI this is the same work per weight byte as an int8 GEMM
-        at decode (it reads N*K bytes) and twice the multiply-adds at prefill.
-        """
+    def int8_linear(self, prepared: CpuInt8Linear, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """bf16 ``(float(x_q @ W^T) * x_scale) * w_scale``: the bits of
+        :func:`w4a8moe.quant.scaled_int_matmul`, in one kernel call."""
         n, k = prepared.out_features, prepared.in_features
-        both = self.gemm(prepared.planes, 2 * n, k, x_q)
-        row_sums = x_q.sum(dim=1, keepdim=True, dtype=torch.int64)
-        if k * 18432 < 2**31:  # every partial sum is at most (16 * 1024 + 1024 + 8 * 128) * K
-            return both[:, :n] * 16 + both[:, n:] + (row_sums * 8).to(torch.int32)
-        acc = both[:, :n].to(torch.int64) * 16 + both[:, n:] + row_sums * 8
-        if acc.numel() and int(acc.abs().max()) >= 2**31:
-            raise OverflowError("int32 accumulator overflow")
-        return acc.to(torch.int32)
+        if k * 128 * 128 >= 2**31:
+            # int32 could overflow: the reference path, which checks (and raises) exactly.
+            return scaled_int_matmul(x_q, x_scale, prepared.weight, prepared.scale[0, :n])
+        return self._gemm(prepared.layout, n, k, x_q, x_scale, prepared.scale, int8_weights=True)
 
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: float = 1.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

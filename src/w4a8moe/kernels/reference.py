@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, combine_rows, register_backend
-from w4a8moe.quant import int8_matmul_int32, scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
+from w4a8moe.quant import scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
 
 
 class ReferenceBackend:
@@ -55,11 +55,13 @@ class ReferenceBackend:
         rows = self.grouped_forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha)
         return combine_rows(rows, token_ids, row_weights, x_q.shape[0])
 
-    def prepare_int8_linear(self, weight_q: torch.Tensor) -> torch.Tensor:
-        return weight_q
+    def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight_q, weight_scale
 
-    def int8_linear_int32(self, prepared: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-        return int8_matmul_int32(x_q, prepared)
+    def int8_linear(self, prepared: tuple[torch.Tensor, torch.Tensor], x_q: torch.Tensor,
+                    x_scale: torch.Tensor) -> torch.Tensor:
+        return scaled_int_matmul(x_q, x_scale, *prepared)
 
 
 register_backend("reference", ReferenceBackend, priority=100)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from w4a8moe.kernels import ExpertBackend, get_backend
-from w4a8moe.quant import dynamic_quant_per_token, scale_int32_accumulator
+from w4a8moe.quant import dynamic_quant_per_token
 
 
 class W8A8Linear(nn.Module):
@@ -14,8 +14,9 @@ class W8A8Linear(nn.Module):
 
     The integer matmul runs on a kernel backend (``backend=None``: ``$W4A8MOE_BACKEND`` or the
     fastest available), exact in int32 like :func:`w4a8moe.quant.w8a8_linear`, so the output
-    is the same bits on every backend. The native CPU backend keeps its own 8-bit copy of the
-    weight beside ``weight`` (which stays the module's state).
+    is the same bits on every backend. The native CPU backend keeps its own re-laid 8-bit copy
+    of the weight beside ``weight`` (which stays the module's state): W8A8 Linears cost twice
+    their int8 size in memory, the routed experts (held once, at 4 bits) do not.
     """
 
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor,
@@ -34,15 +35,13 @@ class W8A8Linear(nn.Module):
 
         Call it again after replacing ``weight``: the backend's copy is made here."""
         chosen = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
-        self._prepared = chosen.prepare_int8_linear(self.weight)
+        self._prepared = chosen.prepare_int8_linear(self.weight, self.weight_scale)
         self.backend = chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x_q, x_scale = dynamic_quant_per_token(x.reshape(-1, x.shape[-1]))
-        acc = self.backend.int8_linear_int32(self._prepared, x_q)
-        y = scale_int32_accumulator(acc, x_scale, self.weight_scale, torch.bfloat16)
-        return y.reshape(*lead, self.out_features)
+        return self.backend.int8_linear(self._prepared, x_q, x_scale).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, w8a8_dynamic, "

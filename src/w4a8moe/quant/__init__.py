@@ -21,7 +21,7 @@ from w4a8moe.quant.activations import (
     swiglu_clip_quant,
     swiglu_fp32,
 )
-from w4a8moe.quant.matmul import int8_matmul_int32, scale_int32_accumulator, scaled_int_matmul, w8a8_linear
+from w4a8moe.quant.matmul import int8_matmul_int32, scaled_int_matmul, w8a8_linear
 
 __all__ = [
     "INT4_MAX",
@@ -42,6 +42,5 @@ __all__ = [
     "swiglu_clip_quant",
     "int8_matmul_int32",
     "scaled_int_matmul",
-    "scale_int32_accumulator",
     "w8a8_linear",
 ]

@@ -20,6 +20,11 @@
  *   per activation row. K is padded to a multiple of 4 and N to a multiple of 32 with
  *   zero weights (nibble 8); padded outputs are never stored.
  *
+ * int8 weights (W8A8 Linears, w4a8_relayout_int8) use the same blocks with two 64-byte lines
+ * per k-quad, channels 0-15 then 16-31, each byte w + 128 (0..255), and a bias of 128 * sum x.
+ * vpdpbusd takes that byte as is; plain AVX2's vpmaddubsw would saturate its int16 pair sums
+ * on it, so that path splits each byte into nibbles and weighs the high one by 16.
+ *
  * Threading: a small persistent pthread pool (below) over (expert, 32-channel block) work
  * items, so that a decode call (one row per expert) still streams every weight byte exactly
  * once, split across cores. The calling thread always works; helpers join when they get a
@@ -47,7 +52,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 2
+#define W4A8_ABI_VERSION 3
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -211,6 +216,34 @@ int64_t w4a8_layout_bytes(int64_t n, int64_t k) {
     return round_up(n, NBLOCK) / NBLOCK * (round_up(k, 4) / 4) * LINE;
 }
 
+int64_t w4a8_int8_layout_bytes(int64_t n, int64_t k) { return 2 * w4a8_layout_bytes(n, k); }
+
+typedef struct {
+    const int8_t *w; /* [n, k] row-major */
+    int64_t n, k, kq;
+    uint8_t *out;
+} relayout_int8_args;
+
+static void relayout_int8_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const relayout_int8_args *a = (const relayout_int8_args *)job->args;
+    for (int64_t b = begin; b < end; b++) {
+        uint8_t *dst = a->out + b * a->kq * 2 * LINE;
+        for (int64_t q = 0; q < a->kq; q++) {
+            for (int half = 0; half < 2; half++) {
+                for (int lane = 0; lane < 16; lane++) {
+                    const int64_t c = b * NBLOCK + 16 * half + lane;
+                    for (int j = 0; j < 4; j++) {
+                        const int64_t kk = 4 * q + j;
+                        const int8_t v = (c < a->n && kk < a->k) ? a->w[c * a->k + kk] : 0;
+                        dst[(2 * q + half) * LINE + 4 * lane + j] = (uint8_t)((int)v + 128);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* Nibble (w + 8) of channel c, column kk of a SPEC-4 packed [N/2, K] matrix; 8 (w = 0) as padding. */
 static inline uint8_t biased_nibble(const int8_t *packed, int64_t n, int64_t k, int64_t c, int64_t kk) {
     if (c >= n || kk >= k) return 8;
@@ -252,6 +285,15 @@ void w4a8_relayout(const int8_t *packed, int64_t n, int64_t k, uint8_t *out, int
     pool_submit(&job, nthreads);
 }
 
+/* Re-lay an int8 [N, K] matrix into the int8 block layout described at the top. */
+void w4a8_relayout_int8(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthreads) {
+    relayout_int8_args args = {w, n, k, round_up(k, 4) / 4, out};
+    pool_job job = {.nphases = 1, .run = relayout_int8_blocks, .args = &args};
+    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
+    job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
+    pool_submit(&job, nthreads);
+}
+
 /* torch's float -> bfloat16 conversion: round to nearest even, NaN -> 0x7FC0. */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
@@ -288,7 +330,14 @@ typedef struct {
     int32_t *out_i32;     /* exact int32 output, or NULL */
     uint16_t *out_bf16;   /* bf16 output, used when out_i32 is NULL */
     int64_t ldo;
+    int int8w;            /* 0: int4 lines (64 bytes per quad), 1: int8 lines (128 bytes per quad) */
 } block_job;
+
+/* The exact correction for the biased weight bytes: 8 * sum x (int4) or 128 * sum x (int8),
+ * in wrapping arithmetic like the vector accumulators (exact whenever the result fits). */
+static inline int32_t weight_bias(int32_t xsum, const int int8w) {
+    return (int32_t)((uint32_t)xsum * (int8w ? 128u : 8u));
+}
 
 #if W4A8_ISA == 3
 #define MR 12  /* rows per register tile: 24 zmm accumulators + 4 working registers of 32 */
@@ -309,7 +358,8 @@ static inline __attribute__((always_inline)) __m512i dpbusd_512(__m512i acc, __m
     return acc;
 }
 
-static inline __attribute__((always_inline)) void tile_512(const block_job *job, int64_t r0, const int mr) {
+static inline __attribute__((always_inline)) void tile_512(const block_job *job, int64_t r0, const int mr,
+                                                            const int int8w) {
     __m512i acc[MR][2];
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int8_t *x = job->x + r0 * job->ldx;
@@ -317,10 +367,18 @@ static inline __attribute__((always_inline)) void tile_512(const block_job *job,
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
     const uint8_t *w = job->w;
     for (int64_t q = 0; q < job->kq; q++) {
-        _mm_prefetch((const char *)(w + (q + PREFETCH_LINES) * LINE), _MM_HINT_T0);
-        const __m512i p = _mm512_loadu_si512((const void *)(w + q * LINE));
-        const __m512i lo = _mm512_and_si512(p, m4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+        __m512i lo, hi; /* channels 0-15 and 16-31 as u8 vpdpbusd operands */
+        if (int8w) {
+            _mm_prefetch((const char *)(w + (2 * q + PREFETCH_LINES) * LINE), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (2 * q + 1 + PREFETCH_LINES) * LINE), _MM_HINT_T0);
+            lo = _mm512_loadu_si512((const void *)(w + 2 * q * LINE));
+            hi = _mm512_loadu_si512((const void *)(w + (2 * q + 1) * LINE));
+        } else {
+            _mm_prefetch((const char *)(w + (q + PREFETCH_LINES) * LINE), _MM_HINT_T0);
+            const __m512i p = _mm512_loadu_si512((const void *)(w + q * LINE));
+            lo = _mm512_and_si512(p, m4);
+            hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+        }
         for (int i = 0; i < mr; i++) {
             const __m512i xb = _mm512_set1_epi32(load_i32(x + i * ldx + 4 * q));
             acc[i][0] = dpbusd_512(acc[i][0], lo, xb);
@@ -333,7 +391,7 @@ static inline __attribute__((always_inline)) void tile_512(const block_job *job,
     const __mmask16 masks[2] = {mask0, mask1};
     for (int i = 0; i < mr; i++) {
         const int64_t row = r0 + i;
-        const __m512i bias = _mm512_set1_epi32(8 * job->xsum[row]);
+        const __m512i bias = _mm512_set1_epi32(weight_bias(job->xsum[row], int8w));
         for (int h = 0; h < 2; h++) {
             const __m512i exact = _mm512_sub_epi32(acc[i][h], bias);
             if (job->out_i32) {
@@ -347,23 +405,28 @@ static inline __attribute__((always_inline)) void tile_512(const block_job *job,
     }
 }
 
-static void run_block_job(const block_job *job, int64_t m) {
+static inline __attribute__((always_inline)) void run_rows_512(const block_job *job, int64_t m, const int int8w) {
     int64_t r0 = 0;
-    for (; r0 + MR <= m; r0 += MR) tile_512(job, r0, MR);
+    for (; r0 + MR <= m; r0 += MR) tile_512(job, r0, MR, int8w);
     switch (m - r0) {
-        case 1: tile_512(job, r0, 1); break;
-        case 2: tile_512(job, r0, 2); break;
-        case 3: tile_512(job, r0, 3); break;
-        case 4: tile_512(job, r0, 4); break;
-        case 5: tile_512(job, r0, 5); break;
-        case 6: tile_512(job, r0, 6); break;
-        case 7: tile_512(job, r0, 7); break;
-        case 8: tile_512(job, r0, 8); break;
-        case 9: tile_512(job, r0, 9); break;
-        case 10: tile_512(job, r0, 10); break;
-        case 11: tile_512(job, r0, 11); break;
+        case 1: tile_512(job, r0, 1, int8w); break;
+        case 2: tile_512(job, r0, 2, int8w); break;
+        case 3: tile_512(job, r0, 3, int8w); break;
+        case 4: tile_512(job, r0, 4, int8w); break;
+        case 5: tile_512(job, r0, 5, int8w); break;
+        case 6: tile_512(job, r0, 6, int8w); break;
+        case 7: tile_512(job, r0, 7, int8w); break;
+        case 8: tile_512(job, r0, 8, int8w); break;
+        case 9: tile_512(job, r0, 9, int8w); break;
+        case 10: tile_512(job, r0, 10, int8w); break;
+        case 11: tile_512(job, r0, 11, int8w); break;
         default: break;
     }
+}
+
+static void run_block_job(const block_job *job, int64_t m) {
+    /* Two specialisations: the weight width is a compile-time constant inside each. */
+    if (job->int8w) run_rows_512(job, m, 1); else run_rows_512(job, m, 0);
 }
 
 #elif W4A8_ISA >= 1
@@ -381,7 +444,23 @@ static inline __attribute__((always_inline)) __m256i dot_u8s8(__m256i acc, __m25
 #endif
 }
 
-static inline __attribute__((always_inline)) void tile_256(const block_job *job, int64_t r0, const int mr) {
+/* The same for full bytes (0..255, int8 weights + 128). */
+static inline __attribute__((always_inline)) __m256i dot_u8s8_byte(__m256i acc, __m256i w_u8, __m256i x_s8) {
+#if W4A8_ISA == 2
+    return dot_u8s8(acc, w_u8, x_s8);
+#else
+    /* 2*255*128 overflows vpmaddubsw's int16 pair sums: take the nibbles separately (each pair
+     * sum at most 3840) and weigh the high one by 16 in vpmaddwd, exact in int32. */
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(w_u8, m4), x_s8);
+    const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w_u8, 4), m4), x_s8);
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
+#endif
+}
+
+static inline __attribute__((always_inline)) void tile_256(const block_job *job, int64_t r0, const int mr,
+                                                            const int int8w) {
     /* acc[i][0]: channels 0-7, [1]: 8-15, [2]: 16-23, [3]: 24-31 */
     __m256i acc[MR][4];
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -391,18 +470,36 @@ static inline __attribute__((always_inline)) void tile_256(const block_job *job,
         for (int h = 0; h < 4; h++) acc[i][h] = _mm256_setzero_si256();
     const uint8_t *w = job->w;
     for (int64_t q = 0; q < job->kq; q++) {
-        _mm_prefetch((const char *)(w + (q + PREFETCH_LINES) * LINE), _MM_HINT_T0);
-        const __m256i p0 = _mm256_loadu_si256((const __m256i *)(w + q * LINE));
-        const __m256i p1 = _mm256_loadu_si256((const __m256i *)(w + q * LINE + 32));
-        const __m256i l0 = _mm256_and_si256(p0, m4), l1 = _mm256_and_si256(p1, m4);
-        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), m4);
-        const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), m4);
+        __m256i l0, l1, h0, h1; /* channels 0-7, 8-15, 16-23, 24-31 */
+        if (int8w) {
+            _mm_prefetch((const char *)(w + (2 * q + PREFETCH_LINES) * LINE), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (2 * q + 1 + PREFETCH_LINES) * LINE), _MM_HINT_T0);
+            l0 = _mm256_loadu_si256((const __m256i *)(w + 2 * q * LINE));
+            l1 = _mm256_loadu_si256((const __m256i *)(w + 2 * q * LINE + 32));
+            h0 = _mm256_loadu_si256((const __m256i *)(w + (2 * q + 1) * LINE));
+            h1 = _mm256_loadu_si256((const __m256i *)(w + (2 * q + 1) * LINE + 32));
+        } else {
+            _mm_prefetch((const char *)(w + (q + PREFETCH_LINES) * LINE), _MM_HINT_T0);
+            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(w + q * LINE));
+            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(w + q * LINE + 32));
+            l0 = _mm256_and_si256(p0, m4);
+            l1 = _mm256_and_si256(p1, m4);
+            h0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), m4);
+            h1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), m4);
+        }
         for (int i = 0; i < mr; i++) {
             const __m256i xb = _mm256_set1_epi32(load_i32(x + i * ldx + 4 * q));
-            acc[i][0] = dot_u8s8(acc[i][0], l0, xb);
-            acc[i][1] = dot_u8s8(acc[i][1], l1, xb);
-            acc[i][2] = dot_u8s8(acc[i][2], h0, xb);
-            acc[i][3] = dot_u8s8(acc[i][3], h1, xb);
+            if (int8w) {
+                acc[i][0] = dot_u8s8_byte(acc[i][0], l0, xb);
+                acc[i][1] = dot_u8s8_byte(acc[i][1], l1, xb);
+                acc[i][2] = dot_u8s8_byte(acc[i][2], h0, xb);
+                acc[i][3] = dot_u8s8_byte(acc[i][3], h1, xb);
+            } else {
+                acc[i][0] = dot_u8s8(acc[i][0], l0, xb);
+                acc[i][1] = dot_u8s8(acc[i][1], l1, xb);
+                acc[i][2] = dot_u8s8(acc[i][2], h0, xb);
+                acc[i][3] = dot_u8s8(acc[i][3], h1, xb);
+            }
         }
     }
     for (int i = 0; i < mr; i++) {
@@ -410,7 +507,7 @@ static inline __attribute__((always_inline)) void tile_256(const block_job *job,
         int32_t lanes[32];
         for (int h = 0; h < 4; h++) _mm256_storeu_si256((__m256i *)(lanes + 8 * h), acc[i][h]);
         for (int64_t c = 0; c < job->nvalid; c++) {
-            const int32_t exact = lanes[c] - 8 * job->xsum[row];
+            const int32_t exact = (int32_t)((uint32_t)lanes[c] - (uint32_t)weight_bias(job->xsum[row], int8w));
             if (job->out_i32) {
                 job->out_i32[row * job->ldo + c] = exact;
             } else {
@@ -422,10 +519,14 @@ static inline __attribute__((always_inline)) void tile_256(const block_job *job,
     }
 }
 
-static void run_block_job(const block_job *job, int64_t m) {
+static inline __attribute__((always_inline)) void run_rows_256(const block_job *job, int64_t m, const int int8w) {
     int64_t r0 = 0;
-    for (; r0 + MR <= m; r0 += MR) tile_256(job, r0, MR);
-    if (m - r0 == 1) tile_256(job, r0, 1);
+    for (; r0 + MR <= m; r0 += MR) tile_256(job, r0, MR, int8w);
+    if (m - r0 == 1) tile_256(job, r0, 1, int8w);
+}
+
+static void run_block_job(const block_job *job, int64_t m) {
+    if (job->int8w) run_rows_256(job, m, 1); else run_rows_256(job, m, 0);
 }
 #endif
 
@@ -442,24 +543,33 @@ static inline int32_t copy_row_padded(const int8_t *src, int64_t k, int8_t *dst,
 
 typedef struct {
     const uint8_t *wl;
-    int64_t n, kq, m;
-    const int8_t *xp;
-    const int32_t *xsum;
+    int64_t n, k, kq, m;
+    const int8_t *x;
+    int64_t ldx;
+    int8_t *xp;
+    int32_t *xsum;
     const float *xscale, *wscale;
     int32_t *out_i32;
     uint16_t *out_bf16;
+    int int8w;
 } gemm_args;
 
 #if W4A8_ISA != 0
-static void gemm_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
-    (void)phase; (void)participant;
+static void gemm_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)participant;
     const gemm_args *a = (const gemm_args *)job->args;
+    if (phase == 0) { /* rows into the zero-padded copy, with their sums */
+        for (int64_t r = begin; r < end; r++)
+            a->xsum[r] = copy_row_padded(a->x + r * a->ldx, a->k, a->xp + r * 4 * a->kq, 4 * a->kq);
+        return;
+    }
+    const int64_t block_bytes = a->kq * LINE * (a->int8w ? 2 : 1);
     for (int64_t b = begin; b < end; b++) {
-        block_job bj = {a->wl + b * a->kq * LINE, a->kq, a->xp, 4 * a->kq, a->xsum, a->xscale,
+        block_job bj = {a->wl + b * block_bytes, a->kq, a->xp, 4 * a->kq, a->xsum, a->xscale,
                         a->wscale ? a->wscale + b * NBLOCK : NULL,
                         (a->n - b * NBLOCK) < NBLOCK ? (a->n - b * NBLOCK) : NBLOCK,
                         a->out_i32 ? a->out_i32 + b * NBLOCK : NULL, a->out_bf16 ? a->out_bf16 + b * NBLOCK : NULL,
-                        a->n};
+                        a->n, a->int8w};
         run_block_job(&bj, a->m);
     }
 }
@@ -467,15 +577,16 @@ static void gemm_blocks(const pool_job *job, int phase, int64_t begin, int64_t e
 
 /*
  * One matrix: out[m, n] for m rows of x [M, ldx] (K valid columns) against one re-laid
- * weight matrix. Exact int32 into out_i32 when it is not NULL, else bf16 scaled by
- * xscale[m] and wscale (padded to a multiple of 32). Used by tests and by the benchmark.
+ * weight matrix (int4 layout, or the int8 one when int8w). Exact int32 into out_i32 when it
+ * is not NULL, else bf16 scaled by xscale[m] and wscale (padded to a multiple of 32): the
+ * W8A8 Linears, and the tests and the benchmark.
  */
 int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
               const float *xscale, const float *wscale_padded, int32_t *out_i32, uint16_t *out_bf16,
-              int nthreads) {
+              int int8w, int nthreads) {
 #if W4A8_ISA == 0
     (void)wl; (void)n; (void)k; (void)x; (void)m; (void)ldx; (void)xscale; (void)wscale_padded;
-    (void)out_i32; (void)out_bf16; (void)nthreads;
+    (void)out_i32; (void)out_bf16; (void)int8w; (void)nthreads;
     return W4A8_ERR_NO_SIMD;
 #else
     if (m == 0) return W4A8_OK;
@@ -487,11 +598,12 @@ int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t 
         free(xsum);
         return W4A8_ERR_NO_MEMORY;
     }
-    for (int64_t r = 0; r < m; r++) xsum[r] = copy_row_padded(x + r * ldx, k, xp + r * kp, kp);
-    gemm_args args = {wl, n, kp / 4, m, xp, xsum, xscale, wscale_padded, out_i32, out_bf16};
-    pool_job job = {.nphases = 1, .run = gemm_blocks, .args = &args};
-    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
-    job.chunk[0] = chunk_for(job.total[0], nthreads, 8);
+    gemm_args args = {wl, n, k, kp / 4, m, x, ldx, xp, xsum, xscale, wscale_padded, out_i32, out_bf16, int8w != 0};
+    pool_job job = {.nphases = 2, .run = gemm_phase, .args = &args};
+    job.total[0] = m;
+    job.chunk[0] = chunk_for(m, nthreads, 2);
+    job.total[1] = round_up(n, NBLOCK) / NBLOCK;
+    job.chunk[1] = chunk_for(job.total[1], nthreads, 8);
     pool_submit(&job, nthreads);
     free(xp);
     free(xsum);
@@ -697,7 +809,7 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
             block_job bj = {a->w13 + e * a->w13_stride + b * a->kq1 * LINE, a->kq1, a->xg + r0 * a->hp, a->hp,
                             a->xsum + r0, a->xs + r0, a->w13_scale + e * a->nb1 * NBLOCK + b * NBLOCK,
                             (a->n1 - b * NBLOCK) < NBLOCK ? (a->n1 - b * NBLOCK) : NBLOCK, NULL,
-                            a->gu + r0 * a->n1 + b * NBLOCK, a->n1};
+                            a->gu + r0 * a->n1 + b * NBLOCK, a->n1, 0};
             run_block_job(&bj, a->offsets[e + 1] - r0);
         }
     } else if (phase == PHASE_SWIGLU) {
@@ -719,7 +831,7 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
             block_job bj = {a->w2 + e * a->w2_stride + b * a->kq2 * LINE, a->kq2, a->hq + r0 * a->ip, a->ip,
                             a->hsum + r0, a->hs + r0, a->w2_scale + e * a->nb2 * NBLOCK + b * NBLOCK,
                             (a->hidden - b * NBLOCK) < NBLOCK ? (a->hidden - b * NBLOCK) : NBLOCK, NULL,
-                            a->out + r0 * a->hidden + b * NBLOCK, a->hidden};
+                            a->out + r0 * a->hidden + b * NBLOCK, a->hidden, 0};
             run_block_job(&bj, a->offsets[e + 1] - r0);
         }
     } else {
