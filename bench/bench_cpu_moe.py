@@ -41,7 +41,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from w4a8moe.formats import RoutingConfig
 from w4a8moe.kernels import PackedExpertWeights, combine_rows, get_backend
+from w4a8moe.moe import PackedExperts, SharedExpert, W4A8MoE, W8A8Linear
 from w4a8moe.quant import dynamic_quant_per_token, swiglu_clip_quant, unpack_int4_pairs
 
 HIDDEN, INTER, EXPERTS, TOP_K = 7168, 2048, 32, 8
@@ -220,6 +222,23 @@ def int4pack_weights(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
     return packed, sz
 
 
+def whole_layer(packed: PackedExpertWeights, alpha: torch.Tensor, seed: int) -> W4A8MoE:
+    """The full MoE block on the native backend: DeepSeek-V3 routing (noaux_tc, 8 groups, best
+    4, top-8, scaling 2.5) over the 32 experts, plus a W8A8 shared expert of the same width."""
+    g = torch.Generator().manual_seed(seed)
+    routing = RoutingConfig("noaux_tc", EXPERTS, TOP_K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+    experts = PackedExperts(packed.w13, packed.w13_scale, packed.w2, packed.w2_scale, alpha)
+
+    def w8a8(n: int, k: int) -> W8A8Linear:
+        return W8A8Linear(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+                          torch.rand(n, generator=g) * 2e-3 + 1e-4, backend="cpu")
+
+    shared = SharedExpert(w8a8(INTER, HIDDEN), w8a8(INTER, HIDDEN), w8a8(HIDDEN, INTER))
+    router = (torch.randn(EXPERTS, HIDDEN, generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(EXPERTS, generator=g) * 0.01
+    return W4A8MoE(router, routing, experts, bias, shared, backend="cpu", keep_packed=True)
+
+
 # ---- timing -------------------------------------------------------------------------------------
 
 
@@ -344,19 +363,14 @@ def main() -> None:
                 results[name][case] = t
         torch.set_num_threads(max_threads)
 
-    print("\ntiming (per call, expert path only):")
+    print("\ntiming (per call; the expert path alone, then with each token's weighted sum):")
 
     def cpu_call(layer, x, x_q, x_scale, r):
         return backend.grouped_forward(prepared[layer], x_q, x_scale, r.token_ids, r.offsets, alpha)
 
-    for case in cases:
-        if case == 64:
-            run_probes("between decode and prefill")
-        run_case("w4a8-cpu", cpu_call, case, layers)
-    run_probes("after prefill")
-
     # What the layer calls: the expert path plus each token's weighted sum of its rows, once
-    # fused in the kernel, once as the kernel's rows summed by torch (the same bits).
+    # fused in the kernel, once as the kernel's rows summed by torch (the same bits). Timed
+    # right after the expert path alone, so that all three see the same machine.
     def fused_sum_call(layer, x, x_q, x_scale, r):
         return backend.combined_forward(prepared[layer], x_q, x_scale, r.token_ids, r.offsets, alpha, r.row_weights)
 
@@ -364,10 +378,33 @@ def main() -> None:
         rows = backend.grouped_forward(prepared[layer], x_q, x_scale, r.token_ids, r.offsets, alpha)
         return combine_rows(rows, r.token_ids, r.row_weights, x_q.shape[0])
 
-    print("\ntiming (per call, expert path + per-token weighted sum):")
+    # The whole block as a model runs it (its own re-laid copy of layer 0), and where its time goes.
+    layer = whole_layer(packed_layers[0], alpha, seed=7)
+    layer_rows = []
+
+    def time_layer(m: int) -> None:
+        x = inputs[m][0]
+        parts = {
+            "layer": lambda i: layer(x),
+            "routing": lambda i: layer.route(x),
+            "routed experts + sum": lambda i: layer.routed_experts(x, *layer.route(x)),
+            "shared expert (W8A8)": lambda i: layer.shared(x),
+        }
+        times = {name: time_calls(fn, repeats[m], 1 if m >= 64 else 2).best for name, fn in parts.items()}
+        layer_rows.append((m, times))
+        print(f"  layer        M={m:<9d} " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), flush=True)
+
     for case in cases:
+        if case == 64:
+            run_probes("between decode and prefill")
+        run_case("w4a8-cpu", cpu_call, case, layers)
         run_case("w4a8-cpu+sum", fused_sum_call, case, layers, threads_to_try=[max_threads])
         run_case("w4a8-cpu+torch-sum", torch_sum_call, case, layers, threads_to_try=[max_threads])
+        if isinstance(case, int):
+            time_layer(case)
+    run_probes("after prefill")
+    del layer
+    gc.collect()
     dram_bw, int8_peak = probes["dram"], probes["int8"]
     print(f"-> DRAM read bandwidth {dram_bw:.1f} GB/s, int8 peak {int8_peak:.3f} TOP/s "
           f"(best of all probe runs; torch._int_mm reached {probes['int_mm']:.3f} TOP/s)")
@@ -391,6 +428,7 @@ def main() -> None:
         repeats.update(saved)
     del prepared
     gc.collect()
+
 
     def expert_values(layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = packed_layers[layer]
@@ -477,6 +515,13 @@ def main() -> None:
         alone, fused, by_torch = (results[n][case].best * 1e3 for n in ("w4a8-cpu", "w4a8-cpu+sum",
                                                                          "w4a8-cpu+torch-sum"))
         print(f"| {case} | {alone:.2f} | {fused:.2f} | {by_torch:.2f} | {by_torch / fused:.2f}x |")
+
+    print("\nthe whole W4A8MoE block (routing, routed experts with the fused sum, W8A8 shared expert), best ms:\n")
+    print("| M | block | routing | routed experts + sum | shared expert (W8A8) |")
+    print("|---|---|---|---|---|")
+    for m, times in layer_rows:
+        print(f"| {m} | " + " | ".join(f"{times[k] * 1e3:.2f}" for k in ("layer", "routing", "routed experts + sum",
+                                                                         "shared expert (W8A8)")) + " |")
 
     print("\ntargets:")
     t1 = results["w4a8-cpu"][1].best

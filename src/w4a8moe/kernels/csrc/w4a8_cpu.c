@@ -219,14 +219,24 @@ int64_t w4a8_layout_bytes(int64_t n, int64_t k) {
 int64_t w4a8_int8_layout_bytes(int64_t n, int64_t k) { return 2 * w4a8_layout_bytes(n, k); }
 
 typedef struct {
-    const int8_t *w; /* [n, k] row-major */
+    const int8_t *src; /* SPEC-4 packed [N/2, K] (int4) or row-major [N, K] (int8) */
     int64_t n, k, kq;
     uint8_t *out;
-} relayout_int8_args;
+} relayout_args;
+
+/* Run a re-layout over the 32-channel blocks of an [n, k] matrix. */
+static void relayout_over_blocks(phase_fn run, const int8_t *src, int64_t n, int64_t k, uint8_t *out,
+                                 int nthreads) {
+    relayout_args args = {src, n, k, round_up(k, 4) / 4, out};
+    pool_job job = {.nphases = 1, .run = run, .args = &args};
+    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
+    job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
+    pool_submit(&job, nthreads);
+}
 
 static void relayout_int8_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
     (void)phase; (void)participant;
-    const relayout_int8_args *a = (const relayout_int8_args *)job->args;
+    const relayout_args *a = (const relayout_args *)job->args;
     for (int64_t b = begin; b < end; b++) {
         uint8_t *dst = a->out + b * a->kq * 2 * LINE;
         for (int64_t q = 0; q < a->kq; q++) {
@@ -235,7 +245,7 @@ static void relayout_int8_blocks(const pool_job *job, int phase, int64_t begin, 
                     const int64_t c = b * NBLOCK + 16 * half + lane;
                     for (int j = 0; j < 4; j++) {
                         const int64_t kk = 4 * q + j;
-                        const int8_t v = (c < a->n && kk < a->k) ? a->w[c * a->k + kk] : 0;
+                        const int8_t v = (c < a->n && kk < a->k) ? a->src[c * a->k + kk] : 0;
                         dst[(2 * q + half) * LINE + 4 * lane + j] = (uint8_t)((int)v + 128);
                     }
                 }
@@ -252,12 +262,6 @@ static inline uint8_t biased_nibble(const int8_t *packed, int64_t n, int64_t k, 
     return nib ^ 0x08; /* two's complement nibble -> nibble + 8 (mod 16) = unsigned 0..15 */
 }
 
-typedef struct {
-    const int8_t *packed;
-    int64_t n, k, kq;
-    uint8_t *out;
-} relayout_args;
-
 static void relayout_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
     (void)phase; (void)participant;
     const relayout_args *a = (const relayout_args *)job->args;
@@ -267,8 +271,8 @@ static void relayout_blocks(const pool_job *job, int phase, int64_t begin, int64
             for (int lane = 0; lane < 16; lane++) {
                 for (int j = 0; j < 4; j++) {
                     const int64_t kk = 4 * q + j;
-                    uint8_t lo = biased_nibble(a->packed, a->n, a->k, b * NBLOCK + lane, kk);
-                    uint8_t hi = biased_nibble(a->packed, a->n, a->k, b * NBLOCK + 16 + lane, kk);
+                    uint8_t lo = biased_nibble(a->src, a->n, a->k, b * NBLOCK + lane, kk);
+                    uint8_t hi = biased_nibble(a->src, a->n, a->k, b * NBLOCK + 16 + lane, kk);
                     dst[q * LINE + 4 * lane + j] = (uint8_t)(lo | (hi << 4));
                 }
             }
@@ -278,20 +282,12 @@ static void relayout_blocks(const pool_job *job, int phase, int64_t begin, int64
 
 /* Re-lay one packed [N/2, K] int4 matrix into the blocked VNNI layout described above. */
 void w4a8_relayout(const int8_t *packed, int64_t n, int64_t k, uint8_t *out, int nthreads) {
-    relayout_args args = {packed, n, k, round_up(k, 4) / 4, out};
-    pool_job job = {.nphases = 1, .run = relayout_blocks, .args = &args};
-    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
-    job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
-    pool_submit(&job, nthreads);
+    relayout_over_blocks(relayout_blocks, packed, n, k, out, nthreads);
 }
 
 /* Re-lay an int8 [N, K] matrix into the int8 block layout described at the top. */
 void w4a8_relayout_int8(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthreads) {
-    relayout_int8_args args = {w, n, k, round_up(k, 4) / 4, out};
-    pool_job job = {.nphases = 1, .run = relayout_int8_blocks, .args = &args};
-    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
-    job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
-    pool_submit(&job, nthreads);
+    relayout_over_blocks(relayout_int8_blocks, w, n, k, out, nthreads);
 }
 
 /* torch's float -> bfloat16 conversion: round to nearest even, NaN -> 0x7FC0. */
