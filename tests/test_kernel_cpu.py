@@ -173,6 +173,32 @@ def test_int8_linear_overflow_like_the_reference(native):
         native.int8_linear(prepared, torch.full((1, 140_000), -128, dtype=torch.int8), torch.ones(1, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 7), (13, 300), (64, 1031), (0, 16), (3, 16)])
+def test_quantize_per_token_is_torch_bit_for_bit(backend, dtype, m, k):
+    x = adversarial_rows(m, k, seed=m + k) if m else torch.zeros(0, k)
+    if m >= 3:
+        x[1] = 0.0                                   # all-zero row: scale 0, codes 0
+        x[2] = -3.5                                  # all-equal row
+        x[0, :: 5] = 0.5 * torch.arange(x[0, :: 5].numel())  # exact halves: round half to even
+    x = x.to(dtype)
+    q, a = backend.quantize_per_token(x)
+    q_ref, a_ref = dynamic_quant_per_token(x)
+    assert q.dtype == torch.int8 and a.dtype == torch.float32 and a.shape == (m, 1)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(a.view(torch.int32), a_ref.view(torch.int32))
+
+
+def test_quantize_per_token_hands_non_finite_rows_to_torch(native):
+    x = torch.randn(4, 40)
+    x[2, 3] = float("inf")
+    x[3, 0] = float("nan")
+    q, a = native.quantize_per_token(x)
+    q_ref, a_ref = dynamic_quant_per_token(x)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(a.isnan(), a_ref.isnan()) and torch.equal(a[:3], a_ref[:3])
+
+
 def test_w8a8_linear_module_is_the_same_bits_on_every_backend(native):
     g = torch.Generator().manual_seed(3)
     w = torch.randint(-127, 128, (96, 200), dtype=torch.int8, generator=g)

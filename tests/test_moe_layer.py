@@ -8,6 +8,8 @@ import torch
 
 from tests.reference import spec_numpy as ref
 from w4a8moe.formats import RoutingConfig, quantize_moe_layer
+from w4a8moe.kernels import PackedExpertWeights
+from w4a8moe.kernels.reference import ReferenceBackend
 from w4a8moe.models.synthetic import random_float_moe_layer, tiny_config
 from w4a8moe.moe import W4A8MoE, route_noaux_tc, route_softmax_topk
 from w4a8moe.quant import unpack_int4_pairs
@@ -160,26 +162,17 @@ def test_odd_sizes_through_a_checkpoint(tmp_path, fmt):
     _assert_close_bf16(module(x), _reference_forward(ckpt.load_moe_layer_tensors(0), ckpt.model_config.routing, x))
 
 
-class _RelayingBackend:
+class _RelayingBackend(ReferenceBackend):
     """A backend that keeps its own copy of the weights, as the native CPU kernel does."""
 
     name = "relaying"
 
     def prepare(self, weights):
-        from w4a8moe.kernels import PackedExpertWeights
-
         return {"copy": PackedExpertWeights(weights.w13.clone(), weights.w13_scale, weights.w2.clone(),
                                             weights.w2_scale)}
 
     def grouped_forward(self, prepared, *args):
-        from w4a8moe.kernels import get_backend
-
-        return get_backend("reference").grouped_forward(prepared["copy"], *args)
-
-    def combined_forward(self, prepared, *args):
-        from w4a8moe.kernels import get_backend
-
-        return get_backend("reference").combined_forward(prepared["copy"], *args)
+        return super().grouped_forward(prepared["copy"], *args)
 
 
 def test_relaid_weights_are_held_once():

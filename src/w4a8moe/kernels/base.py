@@ -79,6 +79,9 @@ class ExpertBackend(Protocol):
         ``row_weights`` fp32 ``[R]`` is row ``r``'s routing weight.
         """
 
+    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bit-identical to :func:`w4a8moe.quant.dynamic_quant_per_token` of ``x`` ``[M, K]``."""
+
     def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> object:
         """Return the backend's own view of a W8A8 Linear: int8 ``[N, K]``, fp32 scales ``[N]``."""
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, register_backend
-from w4a8moe.quant import scaled_int_matmul, swiglu_fp32
+from w4a8moe.quant import dynamic_quant_per_token, scaled_int_matmul, swiglu_fp32
 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 ISA_FLAGS: dict[str, list[str]] = {
     # Everything the compiling CPU has: AVX-512 VNNI where present.
@@ -147,6 +147,8 @@ class KernelLibrary:
         lib.w4a8_int8_layout_bytes.argtypes = [_I64, _I64]
         lib.w4a8_relayout_int8.restype = None
         lib.w4a8_relayout_int8.argtypes = [_P, _I64, _I64, _P, _INT]
+        lib.w4a8_quant_rows.restype = _INT
+        lib.w4a8_quant_rows.argtypes = [_P, _I64, _I64, _I64, _INT, _P, _P, _INT]
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
@@ -379,6 +381,20 @@ class CpuBackend:
                                                None, _ptr(out), int(int8_weights), self.num_threads)
         self.kernel.check(status)
         return out
+
+    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`w4a8moe.quant.dynamic_quant_per_token` of bf16 or fp32 ``[M, K]`` rows in one
+        parallel pass without temporaries, bit for bit; rows with inf or NaN, other dtypes and
+        K = 0 go to the torch function itself."""
+        if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float32) or x.shape[1] == 0:
+            return dynamic_quant_per_token(x)
+        x = x.contiguous()
+        m, k = x.shape
+        x_q = torch.empty((m, k), dtype=torch.int8)
+        scale = torch.empty((m, 1), dtype=torch.float32)
+        nonfinite = self.kernel.lib.w4a8_quant_rows(_ptr(x), m, k, k, int(x.dtype == torch.bfloat16), _ptr(x_q),
+                                                    _ptr(scale), self.num_threads)
+        return dynamic_quant_per_token(x) if nonfinite else (x_q, scale)
 
     def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> CpuInt8Linear:
         """Re-lay an int8 ``[N, K]`` weight (and its fp32 ``[N]`` scales) for :meth:`int8_linear`."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, combine_rows, register_backend
-from w4a8moe.quant import scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
+from w4a8moe.quant import dynamic_quant_per_token, scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
 
 
 class ReferenceBackend:
@@ -54,6 +54,9 @@ class ReferenceBackend:
     ) -> torch.Tensor:
         rows = self.grouped_forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha)
         return combine_rows(rows, token_ids, row_weights, x_q.shape[0])
+
+    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dynamic_quant_per_token(x)
 
     def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ from w4a8moe.formats.model_config import RoutingConfig
 from w4a8moe.kernels import ExpertBackend, PackedExpertWeights, get_backend
 from w4a8moe.moe.linear import W8A8Linear
 from w4a8moe.moe.routing import select_experts
-from w4a8moe.quant import dynamic_quant_per_token
 
 
 class PackedExperts(nn.Module):
@@ -169,7 +168,7 @@ class W4A8MoE(nn.Module):
         offsets = torch.zeros(self.routing.num_experts + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(counts, 0)
         alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
-        x_q, x_scale = dynamic_quant_per_token(x)
+        x_q, x_scale = self.backend.quantize_per_token(x)
         row_weights = weights.reshape(-1)[order]
         return self.backend.combined_forward(self._prepared, x_q, x_scale, token_ids, offsets, alpha, row_weights)
 

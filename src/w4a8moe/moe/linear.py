@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from w4a8moe.kernels import ExpertBackend, get_backend
-from w4a8moe.quant import dynamic_quant_per_token
 
 
 class W8A8Linear(nn.Module):
@@ -40,7 +39,7 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x_q, x_scale = dynamic_quant_per_token(x.reshape(-1, x.shape[-1]))
+        x_q, x_scale = self.backend.quantize_per_token(x.reshape(-1, x.shape[-1]))
         return self.backend.int8_linear(self._prepared, x_q, x_scale).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -52,7 +52,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 3
+#define W4A8_ABI_VERSION 4
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -917,6 +917,100 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     free(active);
     return W4A8_OK;
 #endif
+}
+
+/* ---- per-token int8 quantization of the layer input ---------------------------------- */
+
+/*
+ * torch's dynamic_quant_per_token, bit for bit, in one pass per row and no temporaries:
+ * a = max_k |x| / 127 (fp32 division); q = clamp(rint(x / (a > 0 ? a : 1)), -128, 127).
+ * A row whose max is not finite (inf or NaN) is not quantized here: the call reports it and
+ * the caller uses torch, whose handling of those values this code does not reproduce.
+ */
+typedef struct {
+    const void *x;
+    int64_t k, ldx;
+    int is_bf16;
+    int8_t *q;
+    float *scale;
+    _Atomic int nonfinite;
+} quant_args;
+
+static inline float load_x(const void *x, int is_bf16, int64_t i) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static void quant_rows_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    quant_args *a = (quant_args *)job->args;
+    for (int64_t r = begin; r < end; r++) {
+        const void *row = a->is_bf16 ? (const void *)((const uint16_t *)a->x + r * a->ldx)
+                                     : (const void *)((const float *)a->x + r * a->ldx);
+        /* |x| orders like its bit pattern without the sign; inf and NaN sit above every finite. */
+        uint32_t max_bits = 0;
+        for (int64_t j = 0; j < a->k; j++) {
+            const float v = load_x(row, a->is_bf16, j);
+            uint32_t b;
+            memcpy(&b, &v, 4);
+            b &= 0x7FFFFFFFu;
+            max_bits = b > max_bits ? b : max_bits;
+        }
+        if (max_bits >= 0x7F800000u) {
+            atomic_store(&a->nonfinite, 1);
+            continue;
+        }
+        float amax;
+        memcpy(&amax, &max_bits, 4);
+        const float scale = amax / 127.0f;
+        const float safe = scale > 0.0f ? scale : 1.0f;
+        a->scale[r] = scale;
+        int8_t *q = a->q + r * a->k;
+        int64_t j = 0;
+#if W4A8_ISA == 3
+        const __m512 vs = _mm512_set1_ps(safe);
+        const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+        for (; j + 16 <= a->k; j += 16) {
+            __m512 v = a->is_bf16
+                ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + j))), 16))
+                : _mm512_loadu_ps((const float *)row + j);
+            v = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+        }
+#elif W4A8_ISA >= 1
+        const __m256 vs = _mm256_set1_ps(safe);
+        const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+        for (; j + 8 <= a->k; j += 8) {
+            __m256 v = a->is_bf16
+                ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j))), 16))
+                : _mm256_loadu_ps((const float *)row + j);
+            v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            const __m256i i32 = _mm256_cvtps_epi32(v);
+            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storel_epi64((__m128i *)(q + j), _mm_packs_epi16(i16, i16));
+        }
+#endif
+        for (; j < a->k; j++) {
+            float v = rintf(load_x(row, a->is_bf16, j) / safe);
+            v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+            q[j] = (int8_t)v;
+        }
+    }
+}
+
+/* Quantize m rows of x (bf16 or fp32, row stride ldx elements) into q [m, k] and scale [m].
+ * Returns 1 (and leaves the non-finite rows unwritten) when a row's max |x| is not finite. */
+int w4a8_quant_rows(const void *x, int64_t m, int64_t k, int64_t ldx, int is_bf16, int8_t *q, float *scale,
+                    int nthreads) {
+    quant_args args = {x, k, ldx, is_bf16, q, scale, 0};
+    pool_job job = {.nphases = 1, .run = quant_rows_phase, .args = &args};
+    job.total[0] = m;
+    job.chunk[0] = chunk_for(m, nthreads, 4);
+    if (m > 0) pool_submit(&job, (m * k < (1 << 16)) ? 1 : nthreads); /* small calls: no wake-up */
+    return atomic_load(&args.nonfinite);
 }
 
 /* ---- probes for the benchmark: what the machine can stream and multiply ---- */
