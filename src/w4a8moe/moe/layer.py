@@ -176,9 +176,10 @@ class W4A8MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         weights, ids = self.route(x2)
-        out = self.routing.routed_scaling_factor * self.routed_experts(x2, weights, ids)
+        # In place on the fp32 sum (the same bits as out-of-place): no more [M, H] temporaries.
+        out = self.routed_experts(x2, weights, ids).mul_(self.routing.routed_scaling_factor)
         if self.shared is not None:
-            out = out + self.shared(x2).to(torch.float32)
+            out.add_(self.shared(x2).to(torch.float32))
         return out.to(torch.bfloat16).reshape(shape)
 
     def extra_repr(self) -> str:
