@@ -439,12 +439,10 @@ class CpuBackend:
         self.kernel.check(status)
         return h, h_q, c
 
-    def _buffers(self, rows: int, tokens: int, hidden: int, inter: int, threads: int) -> dict[str, torch.Tensor]:
+    def _buffers(self, rows: int, tokens: int, hidden: int, inter: int, threads: int,
+                 combine: bool) -> dict[str, torch.Tensor]:
         # Scratch is kept per thread and only grows, so steady-state calls allocate nothing large.
         need = {
-            "rows": (rows * hidden, torch.int16),
-            "token_rows": (rows, torch.int64),
-            "token_start": (tokens + 1, torch.int64),
             "xg": (rows * _round_up(hidden, 4), torch.int8),
             "gu": (rows * 2 * inter, torch.int16),
             "hq": (rows * _round_up(inter, 4), torch.int8),
@@ -454,6 +452,9 @@ class CpuBackend:
             "xs": (rows, torch.float32),
             "hs": (rows, torch.float32),
         }
+        if combine:  # the bf16 rows, and each token's rows, stay in scratch
+            need.update(rows=(rows * hidden, torch.int16), token_rows=(rows, torch.int64),
+                        token_start=(tokens + 1, torch.int64))
         cache: dict[str, torch.Tensor] = getattr(self._scratch, "buffers", {})
         for name, (size, dtype) in need.items():
             if name not in cache or cache[name].numel() < size:
@@ -520,7 +521,7 @@ class CpuBackend:
         alpha32 = alpha.to(torch.float32).contiguous()
         tables = silu_tables()
         threads = self.num_threads
-        buf = self._buffers(rows, tokens, hidden, inter, threads)
+        buf = self._buffers(rows, tokens, hidden, inter, threads, combine)
         # Combined: the bf16 rows go to reused scratch and only the [M, H] sum is new memory.
         rows_ptr = _ptr(buf["rows"]) if combine else _ptr(out)
         status = self.kernel.lib.w4a8_moe_forward(
