@@ -26,6 +26,19 @@ def adversarial_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def random_hf_model(model_type: str = "deepseek_v3", seed: int = 0, **overrides):
+    """A random bf16 transformers model of a tiny ``model_type`` config (weights large enough
+    to matter when quantized) and that config: ``(model, cfg)``."""
+    from transformers import AutoModelForCausalLM
+
+    from w4a8moe.models.loading import transformers_config
+    from w4a8moe.models.synthetic import tiny_config
+
+    cfg = tiny_config(model_type, initializer_range=0.08, **overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16), cfg
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import random_hf_model
 from w4a8moe.eval.metrics import (
     RunningMean,
     RunningRelativeL2,
@@ -75,15 +76,9 @@ def test_routing_overlap_ignores_order():
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
     """A small random DeepSeek-V3 Hugging Face folder (no training: fast)."""
-    from transformers import AutoModelForCausalLM
-
-    from w4a8moe.models.loading import transformers_config
-    from w4a8moe.models.synthetic import tiny_config
     from w4a8moe.models.trained import write_byte_tokenizer
 
-    cfg = tiny_config("deepseek_v3", initializer_range=0.08)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
+    model, cfg = random_hf_model()
     path = tmp_path_factory.mktemp("src") / "model"
     model.save_pretrained(path)
     write_byte_tokenizer(path)

@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 
+from tests.conftest import random_hf_model
+
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("lm_eval.models.huggingface")
 
@@ -22,16 +24,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     from w4a8moe.models.export import export_w4a8_checkpoint
-    from w4a8moe.models.loading import transformers_config
-    from w4a8moe.models.synthetic import tiny_config
     from w4a8moe.models.trained import write_byte_tokenizer
 
-    cfg = tiny_config("deepseek_v3", initializer_range=0.08)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
+    model, cfg = random_hf_model()
     path = tmp_path_factory.mktemp("ckpt") / "w4a8"
     export_w4a8_checkpoint(model, cfg, path)
     write_byte_tokenizer(path)

@@ -8,21 +8,16 @@ import shutil
 import pytest
 import torch
 
+from tests.conftest import random_hf_model
 from w4a8moe.models.command import ByteStreamer, generate_text
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     from w4a8moe.models.export import export_w4a8_checkpoint
-    from w4a8moe.models.loading import transformers_config
-    from w4a8moe.models.synthetic import tiny_config
     from w4a8moe.models.trained import write_byte_tokenizer
 
-    cfg = tiny_config("deepseek_v3", initializer_range=0.08)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
+    model, cfg = random_hf_model()
     root = tmp_path_factory.mktemp("gen")
     export_w4a8_checkpoint(model, cfg, root / "bytes")  # no tokenizer files: byte fallback
     shutil.copytree(root / "bytes", root / "hf")

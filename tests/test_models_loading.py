@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tests.conftest import random_hf_model
 from w4a8moe.errors import CheckpointError
 from w4a8moe.models import W4A8MoEBlock, export_w4a8_checkpoint, load_model, tiny_config
 from w4a8moe.models.loading import build_empty_model
@@ -164,14 +165,10 @@ def reference_model(source: nn.Module, cfg: dict, w8a8: bool, alpha=None, wclip=
 
 # ------------------------------------------------------------------ helpers
 def make_source(model_type: str, seed: int = 0, **overrides) -> tuple[nn.Module, dict]:
-    """A random bf16 transformers model of ``model_type`` with weights large enough to matter."""
-    from transformers import AutoModelForCausalLM
-
-    from w4a8moe.models.loading import transformers_config
-
-    cfg = tiny_config(model_type, initializer_range=0.08, **overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16).eval()
+    """A random bf16 transformers model of ``model_type`` with weights large enough to matter,
+    router values representable in bf16 and a non-zero correction bias."""
+    model, cfg = random_hf_model(model_type, seed, **overrides)
+    model.eval()
     with torch.no_grad():
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
