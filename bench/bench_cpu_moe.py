@@ -156,21 +156,31 @@ def routings_for(m: int, count: int, seed: int, shared: bool = False) -> list[Ro
 ExpertCall = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Routed], torch.Tensor]
 
 
+def per_expert_rows(r: Routed, dtype: torch.dtype,
+                    expert_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The routed rows ``[R, H]`` in ``dtype``, expert by expert: ``expert_rows(e, tokens)``
+    computes expert ``e``'s rows for the token ids ``tokens``; empty experts cost nothing."""
+    out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=dtype)
+    offsets = r.offsets.tolist()
+    for e in range(EXPERTS):
+        lo, hi = offsets[e], offsets[e + 1]
+        if lo < hi:
+            out[lo:hi] = expert_rows(e, r.token_ids[lo:hi])
+    return out
+
+
 def float_moe(weights: list[list[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype) -> ExpertCall:
     """bf16/fp32 experts: ``down(silu(gate) * up)`` with plain torch matmuls per expert."""
 
     def call(layer: int, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, r: Routed) -> torch.Tensor:
-        out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=dtype)
-        offsets = r.offsets.tolist()
         xd = x.to(dtype)
-        for e in range(EXPERTS):
-            lo, hi = offsets[e], offsets[e + 1]
-            if lo == hi:
-                continue
+
+        def rows(e: int, tokens: torch.Tensor) -> torch.Tensor:
             w13, w2 = weights[layer][e]
-            gate_up = xd[r.token_ids[lo:hi]] @ w13.T
-            out[lo:hi] = (F.silu(gate_up[:, :INTER]) * gate_up[:, INTER:]) @ w2.T
-        return out
+            gate_up = xd[tokens] @ w13.T
+            return (F.silu(gate_up[:, :INTER]) * gate_up[:, INTER:]) @ w2.T
+
+        return per_expert_rows(r, dtype, rows)
 
     return call
 
@@ -179,18 +189,13 @@ def w8a8_moe(weights: list[list[tuple]], alpha: torch.Tensor) -> ExpertCall:
     """W8A8 with ``torch._int_mm``: the same integer weights held as int8 ``[K, N]``."""
 
     def call(layer: int, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, r: Routed) -> torch.Tensor:
-        out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=torch.bfloat16)
-        offsets = r.offsets.tolist()
-        for e in range(EXPERTS):
-            lo, hi = offsets[e], offsets[e + 1]
-            if lo == hi:
-                continue
+        def rows(e: int, tokens: torch.Tensor) -> torch.Tensor:
             w13_t, s13, w2_t, s2 = weights[layer][e]
-            rows = r.token_ids[lo:hi]
-            gate_up = (torch._int_mm(x_q[rows], w13_t).float() * x_scale[rows] * s13).to(torch.bfloat16)
+            gate_up = (torch._int_mm(x_q[tokens], w13_t).float() * x_scale[tokens] * s13).to(torch.bfloat16)
             h_q, c = swiglu_clip_quant(gate_up, alpha[e])
-            out[lo:hi] = (torch._int_mm(h_q, w2_t).float() * c * s2).to(torch.bfloat16)
-        return out
+            return (torch._int_mm(h_q, w2_t).float() * c * s2).to(torch.bfloat16)
+
+        return per_expert_rows(r, torch.bfloat16, rows)
 
     return call
 
@@ -200,16 +205,12 @@ def int4pack_moe(weights: list[list[tuple]]) -> ExpertCall:
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def call(layer: int, x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, r: Routed) -> torch.Tensor:
-        out = torch.empty((r.token_ids.numel(), HIDDEN), dtype=torch.bfloat16)
-        offsets = r.offsets.tolist()
-        for e in range(EXPERTS):
-            lo, hi = offsets[e], offsets[e + 1]
-            if lo == hi:
-                continue
+        def rows(e: int, tokens: torch.Tensor) -> torch.Tensor:
             w13, sz13, w2, sz2 = weights[layer][e]
-            gate_up = mm(x[r.token_ids[lo:hi]], w13, 256, sz13)
-            out[lo:hi] = mm(F.silu(gate_up[:, :INTER]) * gate_up[:, INTER:], w2, 256, sz2)
-        return out
+            gate_up = mm(x[tokens], w13, 256, sz13)
+            return mm(F.silu(gate_up[:, :INTER]) * gate_up[:, INTER:], w2, 256, sz2)
+
+        return per_expert_rows(r, torch.bfloat16, rows)
 
     return call
 
