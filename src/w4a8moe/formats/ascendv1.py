@@ -118,6 +118,11 @@ class AscendV1Format(CheckpointFormat):
         out.pop("quantization_config", None)
         return out
 
+    def record_tensor(self, name: str, tensor: torch.Tensor, role: str, types: dict[str, str],
+                      ignore: list[str]) -> None:
+        """Every tensor is typed in the description by its role."""
+        types[name] = role
+
     def metadata_problems(self, model_config, infos: dict, metadata: FormatMetadata,
                           expert_tensors: set[str]) -> list[str]:
         """The 16-chunk down bias needs I divisible by 16; the description lists exactly the

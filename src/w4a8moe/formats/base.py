@@ -147,6 +147,13 @@ class CheckpointFormat:
         """Read and validate the format's metadata; raise :class:`CheckpointError` naming the fault."""
         raise NotImplementedError
 
+    def record_tensor(self, name: str, tensor: torch.Tensor, role: str, types: dict[str, str],
+                      ignore: list[str]) -> None:
+        """Note what the metadata will need of one written tensor of ``role``
+        (:data:`FLOAT`, :data:`W8A8_DYNAMIC`, :data:`W4A8_DYNAMIC`): the AscendV1 description
+        entry in ``types``, or the compressed-tensors ``ignore`` entry in ``ignore``."""
+        raise NotImplementedError
+
     def write_metadata(self, directory: Path, config: dict, types: dict[str, str], ignore: list[str],
                        options: WriteOptions, description_metadata: dict | None = None) -> dict:
         """Write the format's side files (atomically) and return the ``config.json`` content.

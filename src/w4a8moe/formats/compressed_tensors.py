@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from w4a8moe.errors import CheckpointError
-from w4a8moe.formats.base import CheckpointFormat, FormatMetadata, TensorGetter, WriteOptions, read_config
+from w4a8moe.formats.base import FLOAT, CheckpointFormat, FormatMetadata, TensorGetter, WriteOptions, read_config
 from w4a8moe.formats.schema import SCALE_DTYPES, TensorSpec
 from w4a8moe.quant import encode_scale_uint64, kernel_bias, unpack_int4_pairs
 
@@ -160,6 +160,13 @@ class CompressedTensorsFormat(CheckpointFormat):
             options.activation_use_clip, ignore, options.quant_method or ACCEPTED_METHODS[0]
         )
         return out
+
+    def record_tensor(self, name: str, tensor: torch.Tensor, role: str, types: dict[str, str],
+                      ignore: list[str]) -> None:
+        """A Linear kept in float (a 2-D ``.weight``, not an embedding or a norm) goes into ``ignore``."""
+        if role == FLOAT and tensor.dim() == 2 and name.endswith(".weight") \
+                and "embed_tokens" not in name and "norm" not in name:
+            ignore.append(name[: -len(".weight")])
 
     # ------------------------------------------------------------ tensors
     def expert_specs(self, proj: str, n: int, k: int, hidden: int, with_alpha: bool) -> dict[str, TensorSpec]:

@@ -52,22 +52,16 @@ def moe_layer_tensors(
     return out
 
 
-def _ignore_entry(name: str) -> str | None:
-    """The compressed-tensors ``ignore`` entry for a float 2-D weight, if it is a Linear."""
-    if not name.endswith(".weight") or "embed_tokens" in name or "norm" in name:
-        return None
-    return name[: -len(".weight")]
-
-
 class CheckpointWriter:
     """Streams a W4A8 checkpoint to disk tensor by tensor (the engine behind :func:`write_checkpoint`).
 
     Tensors go to atomically written shards as they come (``max_shard_bytes`` bounds what is
     held); :meth:`finish` writes the index, ``config.json`` (with ``quantization_config`` for
-    compressed-tensors) or the AscendV1 description, and copies the non-weight files. The
-    AscendV1 type and the compressed-tensors ``ignore`` entry of every tensor are recorded
-    as it is added, so a converter can persist them (``types``, ``ignore``) and :meth:`restore`
-    them when it resumes after the shards already written. ``on_flush(file, names)`` is called
+    compressed-tensors) or the AscendV1 description, and copies the non-weight files. What
+    the format's metadata needs of every tensor (the AscendV1 type; the compressed-tensors
+    ``ignore`` entry) is recorded by the format as the tensor is added, so a converter can
+    persist it (``types``, ``ignore``) and :meth:`restore` it when it resumes after the
+    shards already written. ``on_flush(file, names)`` is called
     after each shard is in place.
     """
 
@@ -103,9 +97,7 @@ class CheckpointWriter:
         if name in self._restored:
             return  # already in a shard a previous (resumed) run finished
         self.shards.add(name, tensor)
-        self.types[name] = kind
-        if kind == FLOAT and tensor.dim() == 2 and (entry := _ignore_entry(name)):
-            self.ignore.append(entry)
+        self.fmt.record_tensor(name, tensor, kind, self.types, self.ignore)
 
     def add_moe_layer(self, layer_idx: int, layer: FloatMoELayer | QuantizedMoELayer,
                       shared_format: str = "w8a8") -> None:
