@@ -340,3 +340,12 @@ def test_formats_never_import_compressed_tensors_or_transformers_until_needed(tm
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_inspect_names_a_non_default_spelling(tmp_path, capsys):
+    from w4a8moe.cli import main as cli_main
+
+    assert cli_main(["inspect", str(_write(tmp_path / "slim", "compressed-tensors", quant_method="modelslim"))]) == 0
+    assert "compressed-tensors  (quant_method modelslim, model_type deepseek_v3)" in capsys.readouterr().out
+    assert cli_main(["inspect", str(_write(tmp_path / "ct", "compressed-tensors"))]) == 0
+    assert "compressed-tensors  (model_type deepseek_v3)" in capsys.readouterr().out

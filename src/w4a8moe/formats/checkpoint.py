@@ -51,7 +51,12 @@ def _fmt_dtype(dtype: torch.dtype) -> str:
 
 
 class Checkpoint:
-    """A validated W4A8 MoE checkpoint on disk. Use :func:`open_checkpoint`."""
+    """A validated W4A8 MoE checkpoint on disk. Use :func:`open_checkpoint`.
+
+    ``format`` is the format object (``== "ascendv1"`` / ``"compressed-tensors"``, ``.name``);
+    ``metadata`` what its metadata said (:class:`~w4a8moe.formats.base.FormatMetadata`), also
+    as ``activation_use_clip``, ``quant_method``, ``moe_group``, ``description``, ``scheme``.
+    """
 
     def __init__(self, path: str | Path, validate: str = "full"):
         if validate not in ("full", "structure"):
