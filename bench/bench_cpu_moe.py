@@ -14,7 +14,13 @@ Run ``python bench/bench_cpu_moe.py`` (``--quick`` for a short run). In one run 
     activations, per-channel scales repeated over groups of 256);
   - ``reference``: this package's exact torch backend (small M only, it is slow);
 * and what the layer calls, the expert path plus each token's weighted sum of its rows: the
-  kernel's fused sum (``combined_forward``) against the kernel's rows summed by torch.
+  kernel's fused sum (``combined_forward``) against the kernel's rows summed by torch;
+* the whole ``W4A8MoE`` block (routing, routed experts, W8A8 shared expert) on fresh inputs at
+  M = 1 and 512, back to back and right after the bf16 torch work of a DeepSeek-V3 decoder
+  layer (MLA attention, norms), as a model runs it, against the targets: interleaved M=1
+  within 1.25x of alone and at >= 85 % of the bandwidth floor, interleaved M=512 no slower;
+  without ``--quick`` (or with ``--wait-policies``) that part again under each
+  ``OMP_WAIT_POLICY``, one process each (``--block-only`` runs only that part).
 
 Decode runs (M = 1, 8) rotate over several copies of the expert set (layers) and over disjoint
 routings, so that every timed call reads its weights from DRAM, not from the cache. All
