@@ -31,7 +31,9 @@
  * that very runtime), so a model forward has one thread pool, sized by torch.set_num_threads,
  * whether torch or this kernel runs: the same threads, hot from torch's last region, take the
  * kernel's items. Inside one parallel region the items are claimed with atomics and a phase
- * only waits for items a thread has actually claimed, not for a barrier of the whole team.
+ * only waits for items a thread has actually claimed, not for a barrier of the whole team
+ * (which, on a busy machine, costs a scheduler time slice whenever one member is descheduled);
+ * only the region's end joins the team.
  * Built without OpenMP (torch's runtime not found: cpu.py warns), every job runs serially on
  * the calling thread.
  */
