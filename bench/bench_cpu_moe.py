@@ -14,7 +14,13 @@ Run ``python bench/bench_cpu_moe.py`` (``--quick`` for a short run). In one run 
     activations, per-channel scales repeated over groups of 256);
   - ``reference``: this package's exact torch backend (small M only, it is slow);
 * and what the layer calls, the expert path plus each token's weighted sum of its rows: the
-  kernel's fused sum (``combined_forward``) against the kernel's rows summed by torch.
+  kernel's fused sum (``combined_forward``) against the kernel's rows summed by torch;
+* the whole ``W4A8MoE`` block (routing, routed experts, W8A8 shared expert) on fresh inputs at
+  M = 1 and 512, back to back and right after the bf16 torch work of a DeepSeek-V3 decoder
+  layer (MLA attention, norms), as a model runs it, against the targets: interleaved M=1
+  within 1.25x of alone and at >= 85 % of the bandwidth floor, interleaved M=512 no slower;
+  without ``--quick`` (or with ``--wait-policies``) that part again under each
+  ``OMP_WAIT_POLICY``, one process each (``--block-only`` runs only that part).
 
 Decode runs (M = 1, 8) rotate over several copies of the expert set (layers) and over disjoint
 routings, so that every timed call reads its weights from DRAM, not from the cache. All
@@ -240,6 +246,211 @@ def whole_layer(packed: PackedExpertWeights, alpha: torch.Tensor, seed: int) -> 
     return W4A8MoE(router, routing, experts, bias, shared, backend="cpu", keep_packed=True)
 
 
+# ---- the block among a decoder layer's torch work -------------------------------------------------
+
+
+class DecoderTorchWork:
+    """The torch work of a DeepSeek-V3 decoder layer around its MoE block, in bf16 at the real
+    shapes: input RMSNorm; MLA attention (q_a 7168->1536, RMSNorm, q_b 1536->128x192,
+    kv_a 7168->576, RMSNorm, kv_b 512->128x256, SDPA over ``context`` cached positions plus the
+    token at decode, causal over the M tokens at prefill, o_proj 16384->7168); the residual add
+    and the post-attention RMSNorm, whose output is the MoE block's input. RoPE is left out
+    (elementwise, small). About 0.4 GB of weights, read at every call like a real layer's."""
+
+    HEADS, Q_LORA, KV_LORA, NOPE, ROPE, V = 128, 1536, 512, 128, 64, 128
+
+    def __init__(self, seed: int, context: int = 512):
+        g = torch.Generator().manual_seed(seed)
+
+        def weight(n: int, k: int) -> torch.Tensor:
+            return (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+
+        heads, qk = self.HEADS, self.NOPE + self.ROPE
+        self.q_a, self.q_b = weight(self.Q_LORA, HIDDEN), weight(heads * qk, self.Q_LORA)
+        self.kv_a = weight(self.KV_LORA + self.ROPE, HIDDEN)
+        self.kv_b = weight(heads * (self.NOPE + self.V), self.KV_LORA)
+        self.o_proj = weight(HIDDEN, heads * self.V)
+        self.k_cache = torch.randn(1, heads, context + 1, qk, generator=g).to(torch.bfloat16)
+        self.v_cache = torch.randn(1, heads, context + 1, self.V, generator=g).to(torch.bfloat16)
+
+    def weight_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in (self.q_a, self.q_b, self.kv_a, self.kv_b, self.o_proj))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, heads = x.shape[0], self.HEADS
+        h = F.rms_norm(x, (HIDDEN,), eps=1e-6)
+        q = F.linear(F.rms_norm(F.linear(h, self.q_a), (self.Q_LORA,), eps=1e-6), self.q_b)
+        q = q.view(m, heads, -1).transpose(0, 1).unsqueeze(0)
+        c_kv, k_pe = F.linear(h, self.kv_a).split([self.KV_LORA, self.ROPE], dim=-1)
+        kv = F.linear(F.rms_norm(c_kv, (self.KV_LORA,), eps=1e-6), self.kv_b).view(m, heads, -1)
+        k_nope, v = kv.split([self.NOPE, self.V], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(m, heads, self.ROPE)], dim=-1)
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        if m == 1:  # decode: the new position joins the cached ones
+            self.k_cache[:, :, -1:] = k
+            self.v_cache[:, :, -1:] = v
+            attn = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.linear(attn.squeeze(0).transpose(0, 1).reshape(m, heads * self.V), self.o_proj)
+        return F.rms_norm(x + out, (HIDDEN,), eps=1e-6)
+
+
+def block_bytes_read(layer: W4A8MoE, x: torch.Tensor) -> int:
+    """Bytes one block call must read at least: the routed experts it touches (int4 weights and
+    fp32 scales), the W8A8 shared expert (int8 weights and scales) and the bf16 router."""
+    active = int(layer.route(x)[1].unique().numel())
+    expert = 3 * HIDDEN * INTER // 2 + (2 * INTER + HIDDEN) * 4
+    shared = 3 * HIDDEN * INTER + (2 * INTER + HIDDEN) * 4
+    return active * expert + shared + layer.router_weight.numel() * layer.router_weight.element_size()
+
+
+@dataclass
+class BlockRun:
+    """One M of the interleaved-block run: medians (and bests) of the block alone and of the
+    block right after the decoder layer's torch work, the torch work itself, bytes per call."""
+
+    m: int
+    alone: Timing
+    interleaved: Timing
+    torch_work: Timing
+    bytes_read: float
+
+
+def time_block_interleaved(layer: W4A8MoE, work: DecoderTorchWork, m: int, calls: int, rounds: int,
+                           seed: int) -> BlockRun:
+    """Time ``layer`` on ``calls`` fresh inputs, once back to back ("alone") and once each call
+    right after the torch work that produces its input ("interleaved", as a model runs it),
+    alternating the two in ``rounds`` so that both see the same machine. Only the block is
+    timed; the inputs, hence routings, are the same in both."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(m, HIDDEN, generator=g) * 0.5).to(torch.bfloat16) for _ in range(calls)]
+    inputs = [work(x) for x in xs]
+    layer(inputs[0])  # warm: scratch, tables
+    alone, interleaved, torch_times = [], [], []
+    for _ in range(rounds):
+        for x in xs:
+            start = time.perf_counter()
+            y = work(x)
+            middle = time.perf_counter()
+            layer(y)
+            interleaved.append(time.perf_counter() - middle)
+            torch_times.append(middle - start)
+        for y in inputs:
+            start = time.perf_counter()
+            layer(y)
+            alone.append(time.perf_counter() - start)
+
+    def timing(ts: list[float]) -> Timing:
+        return Timing(min(ts), statistics.median(ts))
+
+    return BlockRun(m, timing(alone), timing(interleaved), timing(torch_times),
+                    statistics.mean(block_bytes_read(layer, y) for y in inputs))
+
+
+def block_targets(runs: dict[int, BlockRun], dram_bw: float) -> list[tuple[str, bool]]:
+    """The issue's targets for the interleaved block, each as (line, passed)."""
+    out = []
+    if 1 in runs:
+        r = runs[1]
+        ratio = r.interleaved.median / r.alone.median
+        out.append((f"M=1 interleaved within 1.25x of alone (medians): {r.interleaved.median * 1e3:.2f} / "
+                    f"{r.alone.median * 1e3:.2f} ms = {ratio:.2f}x", ratio <= 1.25))
+        floor = r.bytes_read / (dram_bw * 1e9)
+        frac = floor / r.interleaved.median
+        out.append((f"M=1 interleaved >= 85% of the bandwidth floor ({r.bytes_read / 1e6:.0f} MB: routed experts "
+                    f"touched + shared expert + router, at {dram_bw:.1f} GB/s = {floor * 1e3:.2f} ms): "
+                    f"{frac:.0%} (best call {floor / r.interleaved.best:.0%})", frac >= 0.85))
+    if 512 in runs:
+        r = runs[512]
+        ratio = r.interleaved.median / r.alone.median
+        out.append((f"M=512 interleaved no slower than alone (medians, 5% allowed for noise): "
+                    f"{r.interleaved.median * 1e3:.1f} / {r.alone.median * 1e3:.1f} ms = {ratio:.2f}x",
+                    ratio <= 1.05))
+    return out
+
+
+def print_block_runs(runs: dict[int, BlockRun], dram_bw: float) -> None:
+    print("\nthe whole W4A8MoE block among a decoder layer's torch work (MLA attention, norms), per block call, ms:\n")
+    print("| M | alone median (best) | interleaved median (best) | interleaved / alone | torch work median "
+          "| MB read per call |")
+    print("|---|---|---|---|---|---|")
+    for m, r in sorted(runs.items()):
+        print(f"| {m} | {r.alone.median * 1e3:.2f} ({r.alone.best * 1e3:.2f}) | {r.interleaved.median * 1e3:.2f} "
+              f"({r.interleaved.best * 1e3:.2f}) | {r.interleaved.median / r.alone.median:.2f}x "
+              f"| {r.torch_work.median * 1e3:.1f} | {r.bytes_read / 1e6:.0f} |")
+    print("\ntargets (interleaved block):")
+    for line, ok in block_targets(runs, dram_bw):
+        print(f"  {line} -> {'PASS' if ok else 'FAIL'}")
+
+
+def run_block_section(layer: W4A8MoE, dram_bw: float, quick: bool) -> dict[int, BlockRun]:
+    """The interleaved-block measurement at M=1 and M=512 (its own torch work, freed after)."""
+    work = DecoderTorchWork(seed=11)
+    print(f"\ndecoder torch work: {work.weight_bytes() / 1e6:.0f} MB of bf16 attention weights, "
+          f"{work.k_cache.shape[2] - 1} cached positions at decode", flush=True)
+    runs = {}
+    for m, calls, rounds in ((1, 8, 2 if quick else 4), (512, 2, 1 if quick else 2)):
+        runs[m] = time_block_interleaved(layer, work, m, calls, rounds, seed=1000 + m)
+        r = runs[m]
+        print(f"  block        M={m:<9d} alone median {r.alone.median * 1e3:.2f} ms, interleaved median "
+              f"{r.interleaved.median * 1e3:.2f} ms, torch work {r.torch_work.median * 1e3:.1f} ms", flush=True)
+    print_block_runs(runs, dram_bw)
+    return runs
+
+
+WAIT_POLICIES = ("default", "PASSIVE", "ACTIVE")
+
+
+def wait_policy_table(quick: bool) -> None:
+    """The interleaved block under each ``OMP_WAIT_POLICY``, each in its own process (the
+    policy is read once, when the OpenMP runtime starts)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = {}
+    for policy in WAIT_POLICIES:
+        env = dict(os.environ)
+        env.pop("OMP_WAIT_POLICY", None)
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        cmd = [sys.executable, __file__, "--block-only", *(["--quick"] if quick else [])]
+        print(f"  OMP_WAIT_POLICY={policy}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BLOCK_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"    failed (exit {proc.returncode}): {proc.stderr[-500:]}")
+            continue
+        rows[policy] = json.loads(line.split(" ", 1)[1])
+    print("\nthe interleaved block by OMP_WAIT_POLICY (one process each), median ms:\n")
+    print("| setting | M=1 block | M=1 alone | M=512 block | M=512 alone |")
+    print("|---|---|---|---|---|")
+    for policy, r in rows.items():
+        name = "default" if policy == "default" else f"`OMP_WAIT_POLICY={policy}`"
+        print(f"| {name} | {r['1']['interleaved'] * 1e3:.2f} | {r['1']['alone'] * 1e3:.2f} "
+              f"| {r['512']['interleaved'] * 1e3:.1f} | {r['512']['alone'] * 1e3:.1f} |")
+
+
+def block_only(quick: bool) -> None:
+    """``--block-only``: the DRAM probe and the interleaved-block section alone, then one
+    ``BLOCK_RESULT {json}`` line (what :func:`wait_policy_table` reads)."""
+    import json
+
+    backend = get_backend("cpu")
+    print(f"# interleaved W4A8MoE block, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"threads {torch.get_num_threads()}, kernel ISA={backend.isa}, OpenMP runtime "
+          f"{backend.kernel.openmp_runtime}")
+    dram = probe_dram_read(backend.kernel, (1 if quick else 2) * GIB + 256 * 1024**2, repeats=2 if quick else 3)
+    dram_bw = max(dram.values())
+    print(f"DRAM read (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in dram.items()), flush=True)
+    layer = whole_layer(random_packed_experts(seed=100), torch.linspace(0.6, 1.0, EXPERTS), seed=7)
+    runs = run_block_section(layer, dram_bw, quick)
+    print("BLOCK_RESULT " + json.dumps({str(m): {"alone": r.alone.median, "interleaved": r.interleaved.median,
+                                                 "bytes": r.bytes_read} for m, r in runs.items()}
+                                       | {"dram_gbs": dram_bw}))
+
+
 # ---- timing -------------------------------------------------------------------------------------
 
 
@@ -277,7 +488,15 @@ def main() -> None:
                              "(default '1,max', with --quick 'max': on a busy machine torch's OpenMP "
                              "barriers can cost more than the second core brings)")
     parser.add_argument("--skip", default="", help="comma-separated baselines to skip (bf16,fp32,w8a8,int4pack,reference)")
+    parser.add_argument("--block-only", action="store_true",
+                        help="only the whole block among a decoder layer's torch work (and the DRAM probe)")
+    parser.add_argument("--wait-policies", action="store_true",
+                        help="also time the interleaved block under each OMP_WAIT_POLICY, one process each "
+                             "(always done without --quick)")
     args = parser.parse_args()
+    if args.block_only:
+        block_only(args.quick)
+        return
     max_threads = torch.get_num_threads()
     thread_spec = args.threads or ("max" if args.quick else "1,max")
     thread_counts = sorted({max_threads if t == "max" else int(t) for t in thread_spec.split(",")})
@@ -404,6 +623,8 @@ def main() -> None:
         if isinstance(case, int):
             time_layer(case)
     run_probes("after prefill")
+    # The block as a model runs it: right after a decoder layer's torch work (one pool for both).
+    block_runs = run_block_section(layer, probes["dram"], quick)
     del layer
     gc.collect()
     dram_bw, int8_peak = probes["dram"], probes["int8"]
@@ -564,6 +785,10 @@ def main() -> None:
             floor = 2 * m * TOP_K * 3 * HIDDEN * INTER / (int8_peak * 1e12)
             print(f"  prefill M={m} <= 0.25x bf16 time: {r:.2f}x -> {verdict(r <= 0.25)} (lowest possible at "
                   f"100% of the int8 probe: {floor * 1e3:.1f} ms = {floor / results['bf16'][m].best:.2f}x bf16)")
+    print_block_runs(block_runs, dram_bw)
+    if args.wait_policies or not quick:
+        print("\nOMP_WAIT_POLICY comparison (the interleaved block, a process per setting):")
+        wait_policy_table(quick)
     load_after = os.getloadavg()
     print(f"\nloadavg after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
           f"peak RSS {peak_rss_gib():.1f} GiB")

@@ -2,9 +2,18 @@
 
 The C source ships with the package (``kernels/csrc/w4a8_cpu.c``) and is compiled on first use
 with the system C compiler into a per-user cache (``$W4A8MOE_CACHE_DIR``, default
-``~/.cache/w4a8moe``), keyed by a hash of the source, the compiler and the flags, and loaded
-with :mod:`ctypes`; it never builds against torch. Where no compiler or no AVX2 is available
-the backend factory returns ``None`` (the reference backend is then chosen) after one warning.
+``~/.cache/w4a8moe``), keyed by a hash of the source, the compiler, the flags and the OpenMP
+runtime it links, and loaded with :mod:`ctypes`; it never builds against torch's headers.
+Where no compiler or no AVX2 is available the backend factory returns ``None`` (the reference
+backend is then chosen) after one warning.
+
+One thread pool per process: the kernel's parallel loops are OpenMP regions linked against
+the very OpenMP runtime torch has loaded (found in ``/proc/self/maps`` and confirmed by
+``torch.set_num_threads`` moving that runtime's ``omp_get_max_threads``), so torch's ops and
+the kernel run on the same threads, and each call uses ``torch.get_num_threads()`` of the
+calling thread. Where torch's runtime cannot be found (a torch build without OpenMP, or
+whose OpenMP is not a separate shared library), the kernel is built without OpenMP and runs
+single-threaded, after one warning: a second pool would fight torch's for the cores.
 
 The kernel is bit-exact against :mod:`w4a8moe.kernels.reference`: exact int32 accumulation,
 the same fp32 operation order for the scales, torch's bf16 rounding, and ``silu`` read from
@@ -19,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +45,7 @@ from w4a8moe.quant import dynamic_quant_per_token, scaled_int_matmul, swiglu_fp3
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 ISA_FLAGS: dict[str, list[str]] = {
     # Everything the compiling CPU has: AVX-512 VNNI where present.
@@ -45,7 +55,8 @@ ISA_FLAGS: dict[str, list[str]] = {
     # Plain AVX2 (vpmaddubsw + vpmaddwd), whatever else the CPU has.
     "avx2-maddubs": ["-march=native", "-mno-avx512f", "-mno-avxvnni"],
 }
-COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
+COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math"]
+"""Compile flags of every variant (the link step is separate, see :func:`_compile`)."""
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx-vnni", 3: "avx512-vnni"}
 
 BLOCK_N = 32
@@ -91,15 +102,97 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _compile(compiler: str, flags: list[str]) -> Path:
-    """Compile the kernel with ``flags`` into the cache (atomically) and return the library path."""
+# File names of OpenMP runtimes: GNU (also as auditwheel renames it, libgomp-1a2b3c4d.so.1),
+# Intel and LLVM. All three export the GNU entry points GCC's -fopenmp code calls.
+_OPENMP_RUNTIME_NAME = re.compile(r"^lib(gomp|iomp5|omp)(-[0-9a-f]+)?\.so(\.[0-9.]+)?$")
+
+
+def _mapped_openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process, from ``/proc/self/maps``."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or not fields[5].startswith("/"):
+                    continue
+                path = fields[5].rstrip("\n")
+                if _OPENMP_RUNTIME_NAME.match(os.path.basename(path)) and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    return found
+
+
+def _runtime_max_threads(path: str) -> int | None:
+    """``omp_get_max_threads()`` of the runtime at ``path`` on the calling thread, if it has one."""
+    try:
+        get_max = ctypes.CDLL(path).omp_get_max_threads  # already mapped: no second copy loads
+    except (OSError, AttributeError):
+        return None
+    get_max.restype = ctypes.c_int
+    return int(get_max())
+
+
+def _drives_runtime(path: str, probe: bool) -> bool:
+    """Whether torch's thread count is this runtime's ``omp_get_max_threads`` (read on the
+    calling thread, where ``torch.set_num_threads`` sets it). With ``probe`` it also follows
+    a change: ``torch.set_num_threads(1)``, then back (never above the current count, which
+    would make torch start threads of its other pools)."""
+    saved = torch.get_num_threads()
+    if _runtime_max_threads(path) != saved:
+        return False
+    if not probe or saved == 1:
+        return True
+    try:
+        torch.set_num_threads(1)
+        return _runtime_max_threads(path) == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
+@functools.lru_cache(maxsize=1)
+def torch_openmp_runtime() -> tuple[str | None, str]:
+    """``(path, "")`` of the OpenMP runtime torch's intra-op pool runs on, or ``(None, why)``."""
+    info = torch.__config__.parallel_info()
+    if "parallel backend: OpenMP" not in info:
+        backend = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                        if "parallel backend" in line), "unknown")
+        return None, f"torch's intra-op pool is not OpenMP ({backend})"
+    mapped = _mapped_openmp_runtimes()
+    candidates = [path for path in mapped if _drives_runtime(path, probe=len(mapped) > 1)]
+    if len(candidates) == 1:
+        return os.path.realpath(candidates[0]), ""
+    if not candidates:
+        return None, "torch's OpenMP runtime is not a shared library mapped in this process"
+    return None, f"torch drives several OpenMP runtimes: {candidates}"
+
+
+def _compile(compiler: str, flags: list[str], runtime: str | None) -> Path:
+    """Compile the kernel with ``flags`` into the cache (atomically) and return the library path.
+
+    With ``runtime`` (an OpenMP runtime's path) the code is compiled with ``-fopenmp`` and
+    linked against that file alone, found again at load through its rpath (and, torch having
+    loaded it, by its soname), never against the compiler's own copy: one runtime per process.
+    Without it, the build has no OpenMP and runs serially.
+    """
     source = SOURCE.read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelBuildError(f"cannot run the C compiler {compiler!r}: {exc}") from exc
+    compile_flags = [*flags, "-fopenmp"] if runtime else list(flags)
+    # No -fopenmp at link time: it would add the compiler's libgomp beside torch's.
+    link_flags = ["-shared", "-Wl,--no-undefined", "-pthread", "-ldl", "-lm"]
+    if runtime:
+        link_flags = [runtime, f"-Wl,-rpath,{os.path.dirname(runtime)}", *link_flags]
+        stat = os.stat(runtime)
+        runtime_id = f"{runtime}:{stat.st_size}:{int(stat.st_mtime)}"
+    else:
+        runtime_id = "serial"
     key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
+        b"\0".join([source, compiler.encode(), version.encode(), " ".join(compile_flags).encode(),
+                    " ".join(link_flags).encode(), runtime_id.encode(), _cpu_flags().encode()])
     ).hexdigest()[:20]
     directory = cache_dir()
     target = directory / f"w4a8_cpu_{key}.so"
@@ -111,18 +204,22 @@ def _compile(compiler: str, flags: list[str]) -> Path:
         os.close(fd)
     except OSError as exc:
         raise KernelBuildError(f"cannot write to the kernel cache {directory}: {exc}") from exc
+    object_name = tmp_name + ".o"
     try:
-        proc = subprocess.run([compiler, *flags, "-o", tmp_name, str(SOURCE)], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise KernelBuildError(f"{compiler} failed ({' '.join(flags)}):\n{proc.stderr[-2000:]}")
+        steps = ([compiler, *compile_flags, "-c", "-o", object_name, str(SOURCE)],
+                 [compiler, "-o", tmp_name, object_name, *link_flags])
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise KernelBuildError(f"{compiler} failed ({' '.join(step[1:])}):\n{proc.stderr[-2000:]}")
         # Atomic: a concurrent process either sees no library or a complete one.
         os.replace(tmp_name, target)
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelBuildError(f"compiling the CPU kernel failed: {exc}") from exc
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        for name in (tmp_name, object_name):
+            if os.path.exists(name):
+                os.unlink(name)
     return target
 
 
@@ -159,10 +256,23 @@ class KernelLibrary:
         lib.w4a8_probe_read.argtypes = [_P, _I64, _INT, _INT]
         lib.w4a8_probe_int8_dot.restype = _I64
         lib.w4a8_probe_int8_dot.argtypes = [_I64, _I64, _INT]
+        lib.w4a8_probe_team.restype = _INT
+        lib.w4a8_probe_team.argtypes = [_INT, _P]
+        lib.w4a8_openmp_runtime.restype = ctypes.c_char_p
         if lib.w4a8_abi_version() != ABI_VERSION:
             raise KernelBuildError(f"{path} has ABI {lib.w4a8_abi_version()}, expected {ABI_VERSION}")
         self.lib = lib
         self.isa = ISA_NAMES[lib.w4a8_isa()]
+        runtime = lib.w4a8_openmp_runtime()
+        self.openmp_runtime: str | None = None if runtime is None else os.fsdecode(runtime)
+        """The OpenMP runtime the library is bound to, ``None`` for the serial build."""
+
+    def team(self, nthreads: int) -> list[int]:
+        """The kernel thread ids of the threads one job on ``nthreads`` threads runs on (the
+        caller first), through the same pool as every kernel call."""
+        tids = (ctypes.c_int64 * max(nthreads, 1))()
+        size = self.lib.w4a8_probe_team(nthreads, ctypes.addressof(tids))
+        return list(tids[:size])
 
     def check(self, status: int) -> None:
         """Raise :class:`KernelCallError` for a non-zero kernel status."""
@@ -184,14 +294,42 @@ def load_kernel(isa: str = "native") -> KernelLibrary:
     compiler = _compiler()
     if compiler is None:
         raise KernelBuildError("no C compiler found (tried $CC, cc, gcc, clang)")
-    path = _compile(compiler, [*COMMON_FLAGS, *ISA_FLAGS[isa]])
-    try:
-        library = KernelLibrary(path)
-    except OSError as exc:
-        raise KernelBuildError(f"cannot load {path}: {exc}") from exc
+    flags = [*COMMON_FLAGS, *ISA_FLAGS[isa]]
+    runtime, why_serial = torch_openmp_runtime()
+    library = None
+    if runtime is not None:
+        try:
+            library = _load(_compile(compiler, flags, runtime))
+        except KernelBuildError as exc:
+            why_serial = f"building it against torch's OpenMP runtime {runtime} failed: {exc}"
+        else:
+            bound = library.openmp_runtime
+            if not bound or os.path.realpath(bound) != runtime:
+                why_serial = f"it bound to the OpenMP runtime {bound!r}, not torch's {runtime}"
+                library = None
+    if library is None:
+        _warn_serial(why_serial)
+        library = _load(_compile(compiler, flags, None))
     if library.isa == "none":
         raise KernelBuildError("this CPU (or compiler) has no AVX2: the CPU kernel cannot run")
     return library
+
+
+def _load(path: Path) -> KernelLibrary:
+    try:
+        return KernelLibrary(path)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot load {path}: {exc}") from exc
+
+
+_WARNED_SERIAL = False
+
+
+def _warn_serial(why: str) -> None:
+    global _WARNED_SERIAL
+    if not _WARNED_SERIAL:
+        _WARNED_SERIAL = True
+        warnings.warn(f"w4a8moe: the CPU kernel runs single-threaded: {why}", RuntimeWarning, stacklevel=3)
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -25,13 +25,19 @@
  * vpdpbusd takes that byte as is; plain AVX2's vpmaddubsw would saturate its int16 pair sums
  * on it, so that path splits each byte into nibbles and weighs the high one by 16.
  *
- * Threading: a small persistent pthread pool (below) over (expert, 32-channel block) work
- * items, so that a decode call (one row per expert) still streams every weight byte exactly
- * once, split across cores. The calling thread always works; helpers join when they get a
- * core. A phase only waits for items a helper has actually claimed, never for a helper that
- * has not been scheduled yet (an OpenMP barrier would, which on a busy machine costs a whole
- * scheduler time slice per barrier).
+ * Threading: the work is a list of (expert, 32-channel block) items, so that a decode call (one
+ * row per expert) still streams every weight byte exactly once, split across cores. The items
+ * run on the OpenMP runtime that torch itself has loaded (cpu.py links this library against
+ * that very runtime), so a model forward has one thread pool, sized by torch.set_num_threads,
+ * whether torch or this kernel runs: the same threads, hot from torch's last region, take the
+ * kernel's items. Inside one parallel region the items are claimed with atomics and a phase
+ * only waits for items a thread has actually claimed, not for a barrier of the whole team
+ * (which, on a busy machine, costs a scheduler time slice whenever one member is descheduled);
+ * only the region's end joins the team.
+ * Built without OpenMP (torch's runtime not found: cpu.py warns), every job runs serially on
+ * the calling thread.
  */
+#define _GNU_SOURCE /* dladdr */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +46,12 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-#include <time.h>
+#include <dlfcn.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define W4A8_ISA 3
@@ -52,7 +63,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 4
+#define W4A8_ABI_VERSION 5
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -66,11 +77,10 @@
 int w4a8_isa(void) { return W4A8_ISA; }
 int w4a8_abi_version(void) { return W4A8_ABI_VERSION; }
 
-/* ---- the work pool -------------------------------------------------------------------- */
+/* ---- the work pool: torch's OpenMP threads ------------------------------------------ */
 
 #define MAX_PHASES 5
 #define MAX_THREADS 256
-#define HELPER_SPIN_NS 50000 /* a helper polls this long for the next job before it sleeps */
 
 typedef struct pool_job pool_job;
 typedef void (*phase_fn)(const pool_job *job, int phase, int64_t begin, int64_t end, int participant);
@@ -86,21 +96,23 @@ struct pool_job {
     _Atomic int64_t done[MAX_PHASES];
     phase_fn run;
     const void *args;
+    int64_t *team_tids; /* when not NULL: each participant's kernel thread id (w4a8_probe_team) */
+    int team_size;
 };
 
-static pthread_mutex_t pool_submit_mu = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
-static _Atomic uint64_t pool_generation;
-static _Atomic(pool_job *) pool_current;
-static _Atomic int pool_active; /* helpers that may be looking at pool_current */
-static int pool_helpers;         /* started helper threads (under pool_submit_mu) */
-static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+/* GNU libgomp cannot start a parallel region in a child forked after the parent ran one: the
+ * child's team threads do not exist and the region waits for them forever (torch's own ops
+ * hang there too, unless the child calls torch.set_num_threads(1)). So a child forked after
+ * this library ran a team runs its jobs serially instead of hanging. */
+static _Atomic int ran_parallel;
+static _Atomic int serial_after_fork;
 
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+static void after_fork_in_child(void) {
+    if (atomic_load(&ran_parallel)) atomic_store(&serial_after_fork, 1);
+}
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
 static void wait_until_done(const pool_job *job, int p) {
@@ -125,82 +137,63 @@ static void run_job(pool_job *job, int participant) {
     }
 }
 
-static uint64_t pool_start_generation[MAX_THREADS]; /* written before each helper is created */
-
-static void *helper_main(void *arg) {
-    const int index = (int)(intptr_t)arg; /* participant number, 1.. */
-    /* The generation before the job that created this helper, so that it joins that job. */
-    uint64_t seen = pool_start_generation[index];
-    for (;;) {
-        const int64_t spin_until = now_ns() + HELPER_SPIN_NS;
-        for (int i = 0; atomic_load(&pool_generation) == seen; i++) {
-            _mm_pause();
-            if ((i & 255) == 255 && now_ns() > spin_until) {
-                pthread_mutex_lock(&pool_mu);
-                while (atomic_load(&pool_generation) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
-                pthread_mutex_unlock(&pool_mu);
-            }
-        }
-        seen = atomic_load(&pool_generation);
-        /* Announce first, then look: the submitter clears pool_current before it waits for
-         * pool_active to drain, so a job is never touched after its submitter returned. */
-        atomic_fetch_add(&pool_active, 1);
-        pool_job *job = atomic_load(&pool_current);
-        if (job && index < job->max_participants) run_job(job, index);
-        atomic_fetch_sub(&pool_active, 1);
+static void join_team(pool_job *job, int participant, int team_size) {
+    if (job->team_tids) {
+        job->team_tids[participant] = (int64_t)syscall(SYS_gettid);
+        if (participant == 0) job->team_size = team_size;
     }
-    return NULL;
+    run_job(job, participant);
 }
 
-static void pool_after_fork_in_child(void) {
-    /* The helpers do not exist in a forked child: start afresh. */
-    pthread_mutex_init(&pool_submit_mu, NULL);
-    pthread_mutex_init(&pool_mu, NULL);
-    pthread_cond_init(&pool_cv, NULL);
-    atomic_store(&pool_current, NULL);
-    atomic_store(&pool_active, 0);
-    pool_helpers = 0;
-}
-
-static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork_in_child); }
-
+/* Run `job` on up to `nthreads` threads: the caller and (OpenMP build) the other threads of
+ * the caller's OpenMP team, the ones torch's parallel regions use. */
 static void pool_submit(pool_job *job, int nthreads) {
     nthreads = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
-    job->max_participants = nthreads;
     for (int p = 0; p < job->nphases; p++) {
         atomic_store(&job->next[p], 0);
         atomic_store(&job->done[p], 0);
         if (job->chunk[p] < 1) job->chunk[p] = 1;
     }
-    if (nthreads == 1) {
-        run_job(job, 0);
+#ifdef _OPENMP
+    if (atomic_load(&serial_after_fork)) nthreads = 1;
+    job->max_participants = nthreads;
+    if (nthreads > 1) {
+        atomic_store(&ran_parallel, 1);
+        /* num_threads: the caller passes torch.get_num_threads() (or the backend's override);
+         * the runtime may give fewer threads, never more. */
+#pragma omp parallel num_threads(nthreads)
+        join_team(job, omp_get_thread_num(), omp_get_num_threads());
         return;
     }
-    pthread_once(&pool_once, pool_init);
-    pthread_mutex_lock(&pool_submit_mu);
-    while (pool_helpers < nthreads - 1) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pool_start_generation[pool_helpers + 1] = atomic_load(&pool_generation);
-        const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)(pool_helpers + 1));
-        pthread_attr_destroy(&attr);
-        if (failed) break; /* fewer helpers: the job still completes */
-        pool_helpers++;
-    }
-    atomic_store(&pool_current, job);
-    pthread_mutex_lock(&pool_mu);
-    atomic_fetch_add(&pool_generation, 1);
-    pthread_cond_broadcast(&pool_cv);
-    pthread_mutex_unlock(&pool_mu);
-    run_job(job, 0);
-    atomic_store(&pool_current, NULL);
-    for (int spins = 0; atomic_load(&pool_active) != 0;) {
-        _mm_pause();
-        if (++spins > 4096) sched_yield();
-    }
-    pthread_mutex_unlock(&pool_submit_mu);
+#endif
+    job->max_participants = 1;
+    join_team(job, 0, 1);
+}
+
+/* The OpenMP runtime this library is bound to (the file defining omp_get_num_threads), ""
+ * where it cannot be told, NULL in a build without OpenMP. */
+const char *w4a8_openmp_runtime(void) {
+#ifdef _OPENMP
+    Dl_info info;
+    if (dladdr((void *)&omp_get_num_threads, &info) && info.dli_fname) return info.dli_fname;
+    return "";
+#else
+    return NULL;
+#endif
+}
+
+/* A trivial job on `nthreads` threads that records its team: tids_out[i] is participant i's
+ * kernel thread id; returns the team size (how the tests see which threads do the work). */
+static void probe_team_items(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)job; (void)phase; (void)begin; (void)end; (void)participant;
+}
+
+int w4a8_probe_team(int nthreads, int64_t *tids_out) {
+    pool_job job = {.nphases = 1, .run = probe_team_items, .args = NULL, .team_tids = tids_out};
+    job.total[0] = 1;
+    job.chunk[0] = 1;
+    pool_submit(&job, nthreads);
+    return job.team_size;
 }
 
 static int64_t chunk_for(int64_t items, int nthreads, int64_t per_thread) {
