@@ -114,9 +114,11 @@ def grouped_gemm_kernel(
 
 @triton.jit
 def _quantize_row(v, safe):
-    """``clamp(round_half_even(v / safe), -128, 127)`` as int8."""
+    """``clamp(round_half_even(v / safe), -128, 127)`` as int8 (NaN to 0)."""
     q = tl.math.div_rn(v, safe)
     q = (q + 12582912.0) - 12582912.0
+    # NaN (a row whose bound overflowed to inf) becomes 0, as torch's CPU cast of NaN does.
+    q = tl.where(q == q, q, 0.0)
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     return q.to(tl.int8)
 
