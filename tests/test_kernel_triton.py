@@ -1,7 +1,7 @@
 """The ``triton`` backend against the reference backend, bit for bit.
 
-Without a GPU the kernels run under Triton's interpreter on CPU tensors (this module sets
-``TRITON_INTERPRET=1`` before the kernels are first imported); with one (and the interpreter
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (``tests/conftest.py``
+sets ``TRITON_INTERPRET=1`` before anything imports triton); with one (and the interpreter
 off) the same tests run the compiled kernels on CUDA tensors against the reference run on
 the CPU. Shapes are tiny and odd: the interpreter is slow, and odd sizes exercise the masks.
 The whole module skips where ``triton`` is not installed.
@@ -19,16 +19,17 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install -e '.[triton]')", allow_module_level=True)
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels module is imported (first use)
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    # tests/conftest.py sets it before anything imports triton (it is read at that import).
+    raise RuntimeError("no GPU and TRITON_INTERPRET is not 1: the triton tests cannot run their kernels")
 
 from tests.conftest import adversarial_rows  # noqa: E402
+from tests.test_kernel_cpu import _random_experts, _random_ids, _routing  # noqa: E402
 from w4a8moe.kernels import PackedExpertWeights, available_backends, combine_rows, get_backend  # noqa: E402
 from w4a8moe.kernels.reference import ReferenceBackend  # noqa: E402
 from w4a8moe.kernels.triton_backend import GemmConfig, TritonBackend  # noqa: E402
 from w4a8moe.quant import (  # noqa: E402
     dynamic_quant_per_token,
-    pack_int4_pairs,
     scaled_int_matmul,
     swiglu_clip_quant,
     unpack_int4_pairs,
@@ -73,32 +74,8 @@ def _dev(*tensors: torch.Tensor):
     return tuple(t.to(DEVICE) for t in tensors)
 
 
-def _random_experts(e: int, h: int, inter: int, seed: int) -> PackedExpertWeights:
-    g = torch.Generator().manual_seed(seed)
-    w13 = torch.randint(-8, 8, (e, 2 * inter, h), dtype=torch.int8, generator=g)  # -8 nibbles included
-    w2 = torch.randint(-8, 8, (e, h, inter), dtype=torch.int8, generator=g)
-    return PackedExpertWeights(pack_int4_pairs(w13), torch.rand(e, 2 * inter, generator=g) * 0.02 + 1e-4,
-                               pack_int4_pairs(w2), torch.rand(e, h, generator=g) * 0.02 + 1e-4)
-
-
 def _on_device(w: PackedExpertWeights) -> PackedExpertWeights:
     return PackedExpertWeights(*_dev(w.w13, w.w13_scale, w.w2, w.w2_scale))
-
-
-def _routing(ids: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    top_k = ids.shape[1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    offsets = torch.zeros(e + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=e), 0)
-    return torch.div(order, top_k, rounding_mode="floor"), offsets
-
-
-def _random_ids(m: int, e: int, top_k: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if m == 0:
-        return torch.zeros(0, top_k, dtype=torch.int64)
-    return torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(m)])
 
 
 # ---- pieces -----------------------------------------------------------------------------------
@@ -208,6 +185,7 @@ def test_int8_linear_is_scaled_int_matmul():
         (7, 70, 33, 1, 1, SMALL),     # odd I (scalar-silu tail), H not a multiple of any tile, M = 1
         (3, 18, 13, 0, 2, SMALL),     # M = 0
         (4, 34, 17, 9, 4, None),      # every expert gets every token; default tiles
+        (3, 40, 24, 50, 2, GemmConfig(128, 64, 128, 8, 3)),  # the prefill tile shape
     ],
 )
 def test_grouped_and_combined_forward_match_reference(e, h, inter, m, top_k, config):
@@ -298,6 +276,12 @@ def test_triton_is_chosen_for_cuda_only():
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        TritonBackend().quantize_per_token(torch.ones(2, 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import triton.language as tl
+
+    monkeypatch.setattr(tl, "max", object())  # as if triton had been imported with the interpreter off
+    with pytest.raises(RuntimeError, match="before triton is first imported"):
         TritonBackend().quantize_per_token(torch.ones(2, 4))
 
 

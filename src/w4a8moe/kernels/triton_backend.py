@@ -1,7 +1,8 @@
 """The ``triton`` backend: the grouped W4A8 expert path on NVIDIA GPUs, in Triton.
 
 Chosen automatically for CUDA tensors (where ``triton`` is installed). The same kernels run
-on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before first use),
+on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first
+imported, as ``tests/conftest.py`` does),
 which is how CI tests them; on CPU they are only used when named (``backend="triton"``).
 
 The routed rows arrive sorted by expert (``expert_offsets``); a tile schedule built on the
@@ -56,6 +57,15 @@ def triton_available() -> bool:
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``), on CPU tensors."""
     return os.environ.get(INTERPRET_ENV, "0") == "1"
+
+
+def _interpreter_active() -> bool:
+    """Whether triton itself was imported in interpreter mode (it reads the flag at import:
+    ``tl.max`` is then an interpreted function, else one compiled for a GPU)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.max, InterpretedFunction)
 
 
 def _kernels():
@@ -153,7 +163,12 @@ class TritonBackend:
             if not interpreting():
                 raise RuntimeError(
                     f"the triton backend runs on CPU tensors only under Triton's interpreter "
-                    f"({INTERPRET_ENV}=1, set before first use); got tensors on {device}"
+                    f"({INTERPRET_ENV}=1, set before triton is first imported); got tensors on {device}"
+                )
+            if not _interpreter_active():
+                raise RuntimeError(
+                    f"{INTERPRET_ENV}=1 was set after triton was imported: triton's own functions were "
+                    f"compiled for a GPU. Set it before triton is first imported (at process start)"
                 )
             kernel[grid](*args, **meta)
 
