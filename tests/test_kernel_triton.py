@@ -268,6 +268,8 @@ def test_layer_on_triton_is_the_reference_bit_for_bit():
 def test_triton_is_chosen_for_cuda_only():
     assert "triton" not in available_backends("cpu")
     assert get_backend(device="cpu").name != "triton"
+    with pytest.raises(ValueError, match="does not run on CUDA"):
+        get_backend("cpu", device="cuda")
     if CUDA:
         assert get_backend(device="cuda").name == "triton"
         assert available_backends("cuda")[0] == "triton"
@@ -285,19 +287,24 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         TritonBackend().quantize_per_token(torch.ones(2, 4))
 
 
-def test_load_model_rejects_cuda_without_a_gpu():
+def test_load_model_rejects_cuda_without_a_gpu(capsys):
     _runtime()
+    from w4a8moe.cli import main
+    from w4a8moe.errors import ConfigError
     from w4a8moe.models.loading import resolve_device
 
     if torch.cuda.is_available():
         assert resolve_device("cuda").type == "cuda"
-        with pytest.raises(ValueError, match="CUDA device"):
+        with pytest.raises(ConfigError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
     else:
-        with pytest.raises(ValueError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         resolve_device("tpu")
+    if not torch.cuda.is_available():  # the command line says so in one line, exit status 2
+        assert main(["generate", "no-such-checkpoint", "--prompt", "a", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 # ---- CUDA only --------------------------------------------------------------------------------

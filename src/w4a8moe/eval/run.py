@@ -201,13 +201,13 @@ def evaluate(
     ``"cuda"``) is where every model runs. Returns the report dict (also what the command
     writes as JSON): settings and one row per model.
     """
+    device = resolve_device(device)
     source_dir = Path(source_dir)
     labels = list(labels or [])
     if len(labels) > len(checkpoints):
         raise ValueError(f"{len(labels)} labels given for {len(checkpoints)} checkpoints")
     tokenizer = load_tokenizer(source_dir)
     windows = evaluation_windows(text if text is not None else load_text("heldout"), tokenizer, seq_len, num_sequences)
-    device = resolve_device(device)
     windows = windows.to(device)
     source = load_source_model(source_dir)
     models: list[EvalModel] = []
@@ -238,7 +238,8 @@ def evaluate(
             add_checkpoint(learned_path, "W4A8 learned clips")
         if rtn_baseline and rtn_checkpoint is not None:
             rtn_builder = "given"
-            models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_checkpoint, backend=backend, device=device),
+            models.append(EvalModel("W4A8 RTN (no clip)", RTN,
+                                    load_model(rtn_checkpoint, backend=backend, device=device),
                                     str(rtn_checkpoint), True))
         elif rtn_baseline:
             rtn_path = root / "w4a8-rtn"

@@ -138,12 +138,16 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def get_backend(name: str | None = None, device: torch.device | str | None = None) -> ExpertBackend:
     """The backend named by ``name``, else by ``$W4A8MOE_BACKEND``, else the fastest available
-    for tensors on ``device`` (default CPU)."""
+    for tensors on ``device`` (default CPU). A named backend must run on CUDA tensors when
+    ``device`` is CUDA; on CPU tensors any may be named (``triton`` under its interpreter)."""
     _load_builtin()
     name = name or os.environ.get(BACKEND_ENV) or None
     if name is not None:
         if name not in _FACTORIES:
             raise ValueError(f"unknown backend {name!r}; known: {sorted(_FACTORIES)}")
+        if device is not None and _device_type(device) == "cuda" and "cuda" not in _DEVICES[name]:
+            raise ValueError(f"backend {name!r} does not run on CUDA tensors; for them use one of "
+                             f"{[n for n in _PREFERENCE if 'cuda' in _DEVICES[n]]}")
         backend = _FACTORIES[name]()
         if backend is None:
             raise RuntimeError(f"backend {name!r} cannot run on this machine")

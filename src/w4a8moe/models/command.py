@@ -57,9 +57,11 @@ def generate_text(
     printed as it is produced. ``model`` reuses an already loaded model (and its device);
     ``device`` (``"cpu"``, ``"cuda"``) is where a newly loaded one runs. Returns the new text.
     """
-    from w4a8moe.models.loading import load_model
+    from w4a8moe.models.loading import load_model, resolve_device
     from w4a8moe.models.tokenizer import load_tokenizer
 
+    if model is None:
+        resolve_device(device)  # before any reading: a missing GPU is the first thing to say
     tokenizer = load_tokenizer(path)
     if model is None:
         model = load_model(path, apply_alpha=apply_alpha, backend=backend, device=device)

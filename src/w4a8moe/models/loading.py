@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from w4a8moe.errors import CheckpointError
+from w4a8moe.errors import CheckpointError, ConfigError
 from w4a8moe.formats import ASCENDV1, Checkpoint, open_checkpoint
 from w4a8moe.kernels import ExpertBackend
 from w4a8moe.moe import W4A8MoE, W8A8Linear
@@ -134,18 +134,19 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device, checked to exist here (``"cuda"`` needs a visible GPU)."""
+    """``device`` as a torch device, checked to exist here (``"cuda"`` needs a visible GPU);
+    :class:`~w4a8moe.errors.ConfigError` otherwise, which the command line prints."""
     try:
         resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({exc})") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
+            raise ConfigError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif resolved.type != "cpu":
-        raise ValueError(f"device {str(device)!r}: only 'cpu' and 'cuda' are supported")
+        raise ConfigError(f"device {str(device)!r}: only 'cpu' and 'cuda' are supported")
     return resolved
 
 
