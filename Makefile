@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing else pulls a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	# triton: the GPU kernels, tested on CPU under its interpreter (TRITON_INTERPRET=1).
+	$(PY) -m pip install --quiet -e ".[test,triton]"
 	touch $(STAMP)
 
 venv: $(STAMP)

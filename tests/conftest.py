@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Triton decides at its first import whether kernels run in its interpreter; anything in the
+# session may import it (torch, transformers), so set the flag here, before all of them, where
+# there is no GPU: the triton backend's tests then run its kernels on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def adversarial_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:

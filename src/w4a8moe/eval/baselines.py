@@ -47,7 +47,7 @@ class Int8Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x_q, x_scale = dynamic_quant_per_token(hidden_states.to(torch.bfloat16))
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32)
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         for expert in top_k_index.unique().tolist():
             tokens, slot = torch.where(top_k_index == expert)
             gate_up = scaled_int_matmul(x_q[tokens], x_scale[tokens], self.w13[expert], self.w13_scale[expert])

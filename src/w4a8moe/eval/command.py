@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the apply_alpha=False rows of checkpoints with activation clips")
     parser.add_argument("--work-dir", help="where to write the RTN baseline checkpoint (default: a temporary folder)")
     parser.add_argument("--backend", help="expert kernel backend (default: $W4A8MOE_BACKEND or the fastest)")
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:N")
     parser.add_argument("--json", default="w4a8moe_eval.json", help="JSON report path (default w4a8moe_eval.json)")
     parser.add_argument("--plot", default="w4a8moe_eval.png", help="PNG plot path (default w4a8moe_eval.png)")
     parser.add_argument("--no-plot", action="store_true")
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         no_alpha_variants=not args.no_alpha_variants,
         work_dir=args.work_dir,
         backend=args.backend,
+        device=args.device,
         progress=not args.quiet,
     )
     print(format_table(report))

@@ -42,7 +42,7 @@ from w4a8moe.eval.metrics import (
     top1_agreement,
 )
 from w4a8moe.formats import open_checkpoint
-from w4a8moe.models.loading import load_model
+from w4a8moe.models.loading import load_model, resolve_device
 from w4a8moe.models.tokenizer import load_tokenizer
 
 SOURCE = "source"
@@ -189,6 +189,7 @@ def evaluate(
     work_dir: str | Path | None = None,
     backend: str | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Evaluate W4A8 ``checkpoints`` (and the baselines) against the model in ``source_dir``.
 
@@ -196,25 +197,29 @@ def evaluate(
     calibration). The round-to-nearest baseline is ``rtn_checkpoint`` when given, else it is
     written under ``work_dir`` (default: a temporary folder, removed afterwards).
     ``learned_baseline`` also converts the source with learned clips (the converter's default)
-    into ``work_dir`` and evaluates it like a given checkpoint. Returns the report dict (also what the command
+    into ``work_dir`` and evaluates it like a given checkpoint. ``device`` (``"cpu"``,
+    ``"cuda"``) is where every model runs. Returns the report dict (also what the command
     writes as JSON): settings and one row per model.
     """
+    device = resolve_device(device)
     source_dir = Path(source_dir)
     labels = list(labels or [])
     if len(labels) > len(checkpoints):
         raise ValueError(f"{len(labels)} labels given for {len(checkpoints)} checkpoints")
     tokenizer = load_tokenizer(source_dir)
     windows = evaluation_windows(text if text is not None else load_text("heldout"), tokenizer, seq_len, num_sequences)
+    windows = windows.to(device)
     source = load_source_model(source_dir)
     models: list[EvalModel] = []
     loaded: list[EvalModel] = []
 
     def add_checkpoint(path: str | Path, label: str) -> None:
-        model = load_model(path, apply_alpha=True, backend=backend)
+        model = load_model(path, apply_alpha=True, backend=backend, device=device)
         loaded.append(EvalModel(label, W4A8, model, str(path), True))
         if no_alpha_variants and model.w4a8moe_checkpoint.activation_use_clip:
             loaded.append(EvalModel(f"{label} (apply_alpha=False)", NO_ALPHA,
-                                    load_model(path, apply_alpha=False, backend=backend), str(path), False))
+                                    load_model(path, apply_alpha=False, backend=backend, device=device), str(path),
+                                    False))
 
     for i, path in enumerate(checkpoints):
         add_checkpoint(path, labels[i] if i < len(labels) else Path(path).name)
@@ -233,22 +238,26 @@ def evaluate(
             add_checkpoint(learned_path, "W4A8 learned clips")
         if rtn_baseline and rtn_checkpoint is not None:
             rtn_builder = "given"
-            models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_checkpoint, backend=backend),
+            models.append(EvalModel("W4A8 RTN (no clip)", RTN,
+                                    load_model(rtn_checkpoint, backend=backend, device=device),
                                     str(rtn_checkpoint), True))
         elif rtn_baseline:
             rtn_path = root / "w4a8-rtn"
             if rtn_path.exists():
                 shutil.rmtree(rtn_path)
             rtn_builder = build_rtn_checkpoint(source_dir, rtn_path, progress)
-            models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_path, backend=backend), str(rtn_path), True))
+            models.append(EvalModel("W4A8 RTN (no clip)", RTN, load_model(rtn_path, backend=backend, device=device),
+                                    str(rtn_path), True))
         if w8a8_baseline_model:
             # Mirror the W8A8 Linears of the first quantized model, so the baseline differs in the experts only.
             reference = loaded[0].model if loaded else (models[0].model if models else None)
             names = None
             if reference is not None:
                 names = w8a8_linear_names(reference, reference.w4a8moe_checkpoint.model_config)
-            models.insert(0, EvalModel("W8A8 (int8 experts)", W8A8, w8a8_baseline(source, names)))
+            # Built from the CPU source; moving it remakes the W8A8 Linears' backend copies.
+            models.insert(0, EvalModel("W8A8 (int8 experts)", W8A8, w8a8_baseline(source, names).to(device)))
         models += loaded
+        source.to(device)
         rows = evaluate_models(source, models, windows, batch_size, progress)
     finally:
         if temp_dir is not None:

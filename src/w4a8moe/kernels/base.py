@@ -89,6 +89,9 @@ class ExpertBackend(Protocol):
         """bf16 ``[M, N]``, bit-identical to :func:`w4a8moe.quant.scaled_int_matmul` of ``x_q``
         int8 ``[M, K]``, ``x_scale`` fp32 ``[M, 1]`` and the prepared weight."""
 
+    def int_matmul(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+        """exact int8 x int8 -> int32 `a_q @ b_q.T`"""
+
 
 def combine_rows(rows: torch.Tensor, token_ids: torch.Tensor, row_weights: torch.Tensor,
                  num_tokens: int) -> torch.Tensor:
@@ -99,45 +102,66 @@ def combine_rows(rows: torch.Tensor, token_ids: torch.Tensor, row_weights: torch
     product is an fp32 multiply of the bf16 row by its weight, added in increasing ``r`` onto
     zeros (``index_add_`` adds in index order).
     """
-    out = torch.zeros((num_tokens, rows.shape[-1]), dtype=torch.float32)
+    out = torch.zeros((num_tokens, rows.shape[-1]), dtype=torch.float32, device=rows.device)
     out.index_add_(0, token_ids, rows.to(torch.float32) * row_weights.to(torch.float32).reshape(-1, 1))
     return out
 
 
 _FACTORIES: dict[str, Callable[[], ExpertBackend | None]] = {}
 _PREFERENCE: list[str] = []
+_DEVICES: dict[str, tuple[str, ...]] = {}
 
 
-def register_backend(name: str, factory: Callable[[], ExpertBackend | None], priority: int) -> None:
-    """Register a backend factory; it returns ``None`` where the backend cannot run here."""
+def register_backend(name: str, factory: Callable[[], ExpertBackend | None], priority: int,
+                     devices: tuple[str, ...] = ("cpu",)) -> None:
+    """Register a backend factory; it returns ``None`` where the backend cannot run here.
+
+    ``devices``: the tensor device types (``"cpu"``, ``"cuda"``) the backend is chosen for
+    automatically; a backend named explicitly runs wherever its factory allows.
+    """
     _FACTORIES[name] = factory
-    _PREFERENCE.insert(min(priority, len(_PREFERENCE)), name)
+    _DEVICES[name] = tuple(devices)
+    if name not in _PREFERENCE:
+        _PREFERENCE.insert(min(priority, len(_PREFERENCE)), name)
 
 
-def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine, fastest first."""
+def _device_type(device: torch.device | str | None) -> str:
+    return torch.device(device).type if device is not None else "cpu"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run on this machine for ``device`` (default CPU), fastest first."""
     _load_builtin()
-    return [n for n in _PREFERENCE if _FACTORIES[n]() is not None]
+    kind = _device_type(device)
+    return [n for n in _PREFERENCE if kind in _DEVICES[n] and _FACTORIES[n]() is not None]
 
 
-def get_backend(name: str | None = None) -> ExpertBackend:
-    """The backend named by ``name``, else by ``$W4A8MOE_BACKEND``, else the fastest available."""
+def get_backend(name: str | None = None, device: torch.device | str | None = None) -> ExpertBackend:
+    """The backend named by ``name``, else by ``$W4A8MOE_BACKEND``, else the fastest available
+    for tensors on ``device`` (default CPU). A named backend must run on CUDA tensors when
+    ``device`` is CUDA; on CPU tensors any may be named (``triton`` under its interpreter)."""
     _load_builtin()
     name = name or os.environ.get(BACKEND_ENV) or None
     if name is not None:
         if name not in _FACTORIES:
             raise ValueError(f"unknown backend {name!r}; known: {sorted(_FACTORIES)}")
+        if device is not None and _device_type(device) == "cuda" and "cuda" not in _DEVICES[name]:
+            raise ValueError(f"backend {name!r} does not run on CUDA tensors; for them use one of "
+                             f"{[n for n in _PREFERENCE if 'cuda' in _DEVICES[n]]}")
         backend = _FACTORIES[name]()
         if backend is None:
             raise RuntimeError(f"backend {name!r} cannot run on this machine")
         return backend
+    kind = _device_type(device)
     for candidate in _PREFERENCE:
+        if kind not in _DEVICES[candidate]:
+            continue
         backend = _FACTORIES[candidate]()
         if backend is not None:
             return backend
-    raise RuntimeError("no expert backend available")
+    raise RuntimeError(f"no expert backend available for {kind} tensors")
 
 
 def _load_builtin() -> None:
     # Imported here so that registering never happens at package import time for unused backends.
-    from w4a8moe.kernels import cpu, reference  # noqa: F401
+    from w4a8moe.kernels import cpu, reference, triton_backend  # noqa: F401

@@ -28,7 +28,7 @@ class ReferenceBackend:
         expert_offsets: torch.Tensor,
         alpha: torch.Tensor,
     ) -> torch.Tensor:
-        out = torch.empty((token_ids.shape[0], prepared.hidden_size), dtype=torch.bfloat16)
+        out = torch.empty((token_ids.shape[0], prepared.hidden_size), dtype=torch.bfloat16, device=x_q.device)
         offsets = expert_offsets.tolist()
         for e in range(prepared.num_experts):
             start, end = offsets[e], offsets[e + 1]
@@ -67,4 +67,4 @@ class ReferenceBackend:
         return scaled_int_matmul(x_q, x_scale, *prepared)
 
 
-register_backend("reference", ReferenceBackend, priority=100)
+register_backend("reference", ReferenceBackend, priority=100, devices=("cpu", "cuda"))

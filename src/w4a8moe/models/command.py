@@ -49,19 +49,23 @@ def generate_text(
     backend: str | None = None,
     stream: bool = True,
     model: torch.nn.Module | None = None,
+    device: str = "cpu",
 ) -> str:
     """Generate a continuation of ``prompt`` with the W4A8 checkpoint at ``path``.
 
     Greedy when ``temperature`` is 0, else sampling (seeded). With ``stream`` the new text is
-    printed as it is produced. ``model`` reuses an already loaded model. Returns the new text.
+    printed as it is produced. ``model`` reuses an already loaded model (and its device);
+    ``device`` (``"cpu"``, ``"cuda"``) is where a newly loaded one runs. Returns the new text.
     """
-    from w4a8moe.models.loading import load_model
+    from w4a8moe.models.loading import load_model, resolve_device
     from w4a8moe.models.tokenizer import load_tokenizer
 
+    if model is None:
+        resolve_device(device)  # before any reading: a missing GPU is the first thing to say
     tokenizer = load_tokenizer(path)
     if model is None:
-        model = load_model(path, apply_alpha=apply_alpha, backend=backend)
-    ids = tokenizer.encode(prompt).unsqueeze(0)
+        model = load_model(path, apply_alpha=apply_alpha, backend=backend, device=device)
+    ids = tokenizer.encode(prompt).unsqueeze(0).to(model.get_input_embeddings().weight.device)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty")
     streamer = None
@@ -82,7 +86,7 @@ def generate_text(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer,
             pad_token_id=eos if eos is not None else 0, eos_token_id=eos, **kwargs,
         )
-    return tokenizer.decode(out[0, ids.shape[1]:])
+    return tokenizer.decode(out[0, ids.shape[1]:].cpu())
 
 
 class GenerateCommand:
@@ -98,6 +102,7 @@ class GenerateCommand:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--no-alpha", action="store_true", help="ignore activation clips (upstream sglang behaviour)")
         parser.add_argument("--backend", help="expert kernel backend (default: $W4A8MOE_BACKEND or the fastest)")
+        parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -105,7 +110,7 @@ class GenerateCommand:
         sys.stdout.flush()
         generate_text(
             args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-            apply_alpha=not args.no_alpha, backend=args.backend, stream=True,
+            apply_alpha=not args.no_alpha, backend=args.backend, stream=True, device=args.device,
         )
         return 0
 

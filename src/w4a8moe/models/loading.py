@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from w4a8moe.errors import CheckpointError
+from w4a8moe.errors import CheckpointError, ConfigError
 from w4a8moe.formats import Checkpoint, open_checkpoint
 from w4a8moe.kernels import ExpertBackend
 from w4a8moe.moe import W4A8MoE, W8A8Linear
@@ -54,8 +54,9 @@ class W4A8MoEBlock(nn.Module):
 class W8A8LinearWithBias(W8A8Linear):
     """A :class:`W8A8Linear` plus a float bias added after the int8 matmul (Qwen2 q/k/v)."""
 
-    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor):
-        super().__init__(weight_q, weight_scale)
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
+                 backend: str | ExpertBackend | None = None):
+        super().__init__(weight_q, weight_scale, backend)
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,20 +133,41 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
             raise CheckpointError(f"cannot initialise buffers {still_meta} of {type(module).__name__}")
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, checked to exist here (``"cuda"`` needs a visible GPU);
+    :class:`~w4a8moe.errors.ConfigError` otherwise, which the command line prints."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({exc})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif resolved.type != "cpu":
+        raise ConfigError(f"device {str(device)!r}: only 'cpu' and 'cuda' are supported")
+    return resolved
+
+
 def load_model(
     path: str | Path,
     apply_alpha: bool = True,
     backend: str | ExpertBackend | None = None,
     validate: str = "full",
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a W4A8 checkpoint (either format) as a transformers causal LM, ready for inference.
 
     ``apply_alpha=False`` ignores the learned activation clips, as upstream sglang does.
     ``backend`` picks the expert kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest
-    available). ``validate`` is passed to :func:`~w4a8moe.formats.open_checkpoint`; the MoE
+    available for ``device``: ``triton`` on CUDA). ``device`` (``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``) is where every tensor is placed as it is read: the routed experts stay
+    packed there (4 bits per weight). ``validate`` is passed to :func:`~w4a8moe.formats.open_checkpoint`; the MoE
     layers are value-checked either way. Raises :class:`CheckpointError` naming the tensor for
     any missing, unexpected or mis-shaped tensor. The model is in eval mode, bf16.
     """
+    device = resolve_device(device)
     ckpt = open_checkpoint(path, validate=validate)
     mc = ckpt.model_config
     if mc.model_type not in SUPPORTED_MODEL_TYPES:
@@ -168,7 +190,8 @@ def load_model(
             f"experts for layers {sorted(ckpt_layers)}"
         )
     for layer in sorted(ckpt_layers):
-        moe = ckpt.moe_layer(layer, apply_alpha=apply_alpha, backend=backend)
+        moe = W4A8MoE.from_quantized(ckpt.load_moe_layer_tensors(layer), mc.routing, apply_alpha=apply_alpha,
+                                     backend=backend, device=device)
         model.model.layers[layer].mlp = W4A8MoEBlock(moe)
         used.update(ckpt.expected_layer_tensors(layer))
 
@@ -191,8 +214,8 @@ def load_model(
         for tensor_name in linear_names:
             if tensor_name not in infos:
                 raise CheckpointError(f"missing tensor {tensor_name!r} of the W8A8 Linear {base!r}")
-        weight = ckpt.reader.get(name)
-        scale = ckpt.reader.get(f"{base}.weight_scale").to(torch.float32).reshape(-1)
+        weight = ckpt.reader.get(name).to(device)
+        scale = ckpt.reader.get(f"{base}.weight_scale").to(device=device, dtype=torch.float32).reshape(-1)
         problems = ckpt.format.linear_problems(base, ckpt.reader.get)
         if problems:
             raise CheckpointError("; ".join(problems))
@@ -205,7 +228,7 @@ def load_model(
             if tuple(bias.shape) != (target.out_features,):
                 raise CheckpointError(f"tensor {bias_name!r}: shape {list(bias.shape)}, expected [{target.out_features}]")
             used.add(bias_name)
-            _set_submodule(model, base, W8A8LinearWithBias(weight, scale, bias.to(torch.bfloat16)))
+            _set_submodule(model, base, W8A8LinearWithBias(weight, scale, bias.to(device=device, dtype=torch.bfloat16)))
         else:
             _set_submodule(model, base, W8A8Linear(weight, scale))
 
@@ -230,9 +253,9 @@ def load_model(
         module_path, _, attr = name.rpartition(".")
         module = model.get_submodule(module_path) if module_path else model
         if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(value.to(tensor.dtype), requires_grad=False)
+            module._parameters[attr] = nn.Parameter(value.to(device=device, dtype=tensor.dtype), requires_grad=False)
         else:
-            module._buffers[attr] = value.to(tensor.dtype)
+            module._buffers[attr] = value.to(device=device, dtype=tensor.dtype)
         used.add(name)
     if missing:
         raise CheckpointError(
@@ -247,6 +270,8 @@ def load_model(
     if tied and "lm_head.weight" not in infos:
         model.lm_head.weight = model.get_input_embeddings().weight
     _init_non_persistent_buffers(model)
+    if device.type != "cpu":
+        model.to(device)  # the non-persistent buffers (rotary inv_freq), computed on the CPU
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{ckpt.path}: model tensors left unloaded: {leftover[:20]}")

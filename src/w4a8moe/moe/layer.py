@@ -118,14 +118,22 @@ class W4A8MoE(nn.Module):
 
     @classmethod
     def from_quantized(cls, layer: QuantizedMoELayer, routing: RoutingConfig, apply_alpha: bool = True,
-                       backend: str | ExpertBackend | None = None, keep_packed: bool = False) -> "W4A8MoE":
-        """Build the module from a layer's quantized tensors (as a checkpoint or the converter holds them)."""
+                       backend: str | ExpertBackend | None = None, keep_packed: bool = False,
+                       device: torch.device | str | None = None) -> "W4A8MoE":
+        """Build the module from a layer's quantized tensors (as a checkpoint or the converter holds them).
+
+        ``device`` (default: where the tensors are) is where the module and its backend's
+        weights live; the backend is chosen for it (``triton`` on CUDA).
+        """
+        def place(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if (t is None or device is None) else t.to(device)
+
         experts = PackedExperts(
-            w13=torch.cat((layer.packed["gate"], layer.packed["up"]), dim=1),
-            w13_scale=torch.cat((layer.scale["gate"], layer.scale["up"]), dim=1),
-            w2=layer.packed["down"],
-            w2_scale=layer.scale["down"],
-            alpha=layer.alpha,
+            w13=torch.cat((place(layer.packed["gate"]), place(layer.packed["up"])), dim=1),
+            w13_scale=torch.cat((place(layer.scale["gate"]), place(layer.scale["up"])), dim=1),
+            w2=place(layer.packed["down"]),
+            w2_scale=place(layer.scale["down"]),
+            alpha=place(layer.alpha),
         )
         shared = None
         if layer.shared is not None:
@@ -133,23 +141,40 @@ class W4A8MoE(nn.Module):
             for proj in ("gate", "up", "down"):
                 weight, scale = layer.shared[proj]
                 if scale is None:
-                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
+                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16,
+                                       device=experts.alpha.device)
                     linear.weight.data.copy_(weight)
                     linear.requires_grad_(False)
                     projections.append(linear)
                 else:
-                    projections.append(W8A8Linear(weight, scale))
-            shared = SharedExpert(*projections, gate_weight=layer.shared_expert_gate)
-        return cls(layer.router_weight, routing, experts, layer.correction_bias, shared, apply_alpha, backend,
-                   keep_packed)
+                    projections.append(W8A8Linear(place(weight), place(scale)))
+            shared = SharedExpert(*projections, gate_weight=place(layer.shared_expert_gate))
+        return cls(place(layer.router_weight), routing, experts, place(layer.correction_bias), shared, apply_alpha,
+                   backend, keep_packed)
 
     def set_backend(self, backend: str | ExpertBackend | None = None) -> None:
-        """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available)."""
-        chosen = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
+        """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available for
+        the device the experts are on)."""
+        device = self.experts.alpha.device
+        chosen = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend, device)
         prepared = chosen.prepare(self.experts.weights())
         self.backend, self._prepared = chosen, prepared
         if not isinstance(prepared, PackedExpertWeights) and not self.keep_packed:
             self.experts.release_packed()
+        self._prepared_device = device
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(device)``: the backend's weights must follow, which needs the packed copy.
+        out = super()._apply(fn, recurse)
+        if self.experts.alpha.device != self._prepared_device:
+            if self.experts.released:
+                raise RuntimeError(
+                    f"W4A8MoE moved to {self.experts.alpha.device} after its backend released the packed "
+                    f"weights on {self._prepared_device}; load on the target device instead "
+                    "(load_model(path, device=...)) or build the layer with keep_packed=True"
+                )
+            self.set_backend()
+        return out
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
@@ -160,13 +185,13 @@ class W4A8MoE(nn.Module):
         """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor."""
         m, k = ids.shape
         if m == 0:
-            return torch.zeros((0, x.shape[-1]), dtype=torch.float32)
+            return torch.zeros((0, x.shape[-1]), dtype=torch.float32, device=x.device)
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         token_ids = torch.div(order, k, rounding_mode="floor")
-        counts = torch.bincount(flat_ids, minlength=self.routing.num_experts)
-        offsets = torch.zeros(self.routing.num_experts + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)
+        # Where each expert's rows start in the sorted order (no host synchronisation on a GPU).
+        offsets = torch.searchsorted(flat_ids[order].contiguous(),
+                                     torch.arange(self.routing.num_experts + 1, device=ids.device))
         alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
         x_q, x_scale = self.backend.quantize_per_token(x)
         row_weights = weights.reshape(-1)[order]

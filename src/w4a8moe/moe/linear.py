@@ -30,12 +30,22 @@ class W8A8Linear(nn.Module):
         self.set_backend(backend)
 
     def set_backend(self, backend: str | ExpertBackend | None = None) -> None:
-        """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available).
+        """Choose the kernel backend (``None``: ``$W4A8MOE_BACKEND`` or the fastest available for
+        the weight's device).
 
         Call it again after replacing ``weight``: the backend's copy is made here."""
-        chosen = backend if (backend is not None and not isinstance(backend, str)) else get_backend(backend)
+        chosen = (backend if (backend is not None and not isinstance(backend, str))
+                  else get_backend(backend, self.weight.device))
         self._prepared = chosen.prepare_int8_linear(self.weight, self.weight_scale)
         self.backend = chosen
+        self._prepared_device = self.weight.device
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(device)`` moves the buffers; the backend's copy is remade for the new device.
+        out = super()._apply(fn, recurse)
+        if self.weight.device != self._prepared_device:
+            self.set_backend()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -28,8 +28,16 @@ def scaled_int_matmul(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """``y[m, n] = a_m * s_n * sum_k x_q[m, k] * w_q[n, k]``; the product is formed in fp32."""
-    acc = int8_matmul_int32(x_q, w_q).to(torch.float32)
-    y = acc * x_scale.reshape(-1, 1).to(torch.float32) * w_scale.reshape(1, -1).to(torch.float32)
+    return apply_int32_scales(int8_matmul_int32(x_q, w_q), x_scale, w_scale, out_dtype)
+
+
+def apply_int32_scales(
+    acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """``(float(acc[m, n]) * a_m) * s_n`` in fp32, in that order, then ``out_dtype``: the
+    scaling of an exact int32 product ``acc`` ``[M, N]`` (per-token ``a`` ``[M, 1]``,
+    per-channel ``s`` ``[N]``)."""
+    y = acc.to(torch.float32) * x_scale.reshape(-1, 1).to(torch.float32) * w_scale.reshape(1, -1).to(torch.float32)
     return y.to(out_dtype)
 
 
