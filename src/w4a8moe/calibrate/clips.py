@@ -191,9 +191,13 @@ def _checked_amax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if weight.dim() != 2:
         raise ValueError(f"expected a weight [N, K], got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
+    # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
+    # into it, so checking the N maxima checks the weight.
+    low, high = torch.aminmax(w, dim=-1)
+    amax = torch.maximum(-low, high)
+    if not bool(torch.isfinite(amax).all()):
         raise ValueError("weight contains NaN or Inf")
-    return w, w.abs().amax(dim=-1)
+    return w, amax
 
 
 def _grid_search(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor,
