@@ -343,3 +343,42 @@ def test_refinement_reusing_gradients_is_the_plain_descent():
         for alpha0 in (1.0, 0.5, ALPHA_MIN):
             assert refine_alpha_ste(gate_up, w_down, reference, alpha0) == plain(gate_up, w_down, reference,
                                                                                 alpha0, 40, 0.02)
+
+
+def test_products_backend_by_device():
+    from w4a8moe.calibrate.products import IntProducts
+    from w4a8moe.kernels.base import int_matmul_backend
+
+    assert hasattr(int_matmul_backend("cpu"), "int_matmul")
+    assert IntProducts().device == torch.device("cpu")
+    with pytest.raises(ValueError, match="no exact integer matmul"):
+        int_matmul_backend("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            int_matmul_backend("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_products_are_exact_and_the_clips_match_where_the_math_is_exact():
+    from w4a8moe.calibrate.products import IntProducts
+    from w4a8moe.quant import int8_matmul_int32
+
+    cuda = IntProducts(device="cuda")
+    g = torch.Generator().manual_seed(70)
+    for m, n, k in ((1, 1, 1), (5, 33, 7), (40, 130, 1031), (300, 64, 256)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        assert torch.equal(cuda.backend.int_matmul(a.cuda(), b.cuda()).cpu(), int8_matmul_int32(a, b))
+    # The weight clip search alone: exact integer products, elementwise fp32/fp64 steps that
+    # CUDA rounds as the CPU does, and per-channel sums over the rows, which CUDA adds in
+    # another order (an ulp of an error; only a near-exact tie between two clips could flip).
+    # The reference (an fp32 matmul, which would differ more) is the CPU's for both.
+    w = _expert(71)
+    x = _tokens(72, 90)
+    x_q, x_scale = dynamic_quant_per_token(x)
+    ref = x.float() @ w.gate.T
+    cpu_clip = search_weight_clip(x_q, x_scale, w.gate, ref)[0]
+    cuda_clip = search_weight_clip(x_q.cuda(), x_scale.cuda(), w.gate.cuda(), ref.cuda(), products=cuda)[0]
+    assert torch.equal(cpu_clip, cuda_clip.cpu())
+    clips = learn_expert_clips(x, w, products=cuda)  # the whole search runs there and returns CPU tensors
+    assert all(c.device.type == "cpu" for c in clips.weight_clip.values()) and 0 < clips.alpha <= 1

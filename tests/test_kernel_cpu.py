@@ -636,3 +636,19 @@ def test_quantize_int4_operand_rejects_bad_inputs(native):
         native.quantize_int4_operand(torch.zeros(4, 4, dtype=torch.bfloat16), torch.ones(4))
     with pytest.raises(ValueError, match="4 scales"):
         native.quantize_int4_operand(torch.zeros(4, 4), torch.ones(3))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n", [(1, 1), (7, 33), (64, 300), (200, 257)])
+def test_scaled_squared_error_is_the_torch_steps(native, out_dtype, m, n):
+    from w4a8moe.quant import scale_int32
+
+    g = torch.Generator().manual_seed(m * n)
+    acc = torch.randint(-2**30, 2**30, (m, n), dtype=torch.int32, generator=g)
+    acc[0, 0] = 0
+    x_scale = torch.rand(m, 1, generator=g) * torch.logspace(-8, 2, m).unsqueeze(1)
+    w_scale = torch.rand(n, generator=g) * 0.01
+    reference = torch.randn(m, n, generator=g, dtype=torch.float64) * 1e3
+    expected = (scale_int32(acc, x_scale, w_scale, out_dtype).to(torch.float64) - reference) ** 2
+    got = native.scaled_squared_error(acc, x_scale, w_scale, reference, out_dtype)
+    assert torch.equal(got.view(torch.int64), expected.view(torch.int64))

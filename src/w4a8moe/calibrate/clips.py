@@ -165,6 +165,13 @@ def _down(products: IntProducts, gate_up: torch.Tensor, alpha: float, down: Int4
     return products.scaled(h_q, h_scale, down)
 
 
+def _down_error(products: IntProducts, gate_up: torch.Tensor, alpha: float, down: Int4Operand,
+                reference64: torch.Tensor) -> float:
+    """``squared_error(_down(...), reference)`` with the reference already in float64."""
+    h_q, h_scale = swiglu_clip_quant(gate_up, alpha)
+    return float(products.squared_errors(h_q, h_scale, down, reference64).sum())
+
+
 def quantized_gate_up(x_q: torch.Tensor, x_scale: torch.Tensor, q_gate: torch.Tensor, s_gate: torch.Tensor,
                       q_up: torch.Tensor, s_up: torch.Tensor, products: IntProducts | None = None) -> torch.Tensor:
     """GMM1 as the runtime runs it: int8 input x int4 gate|up, bf16 output ``[M, 2I]``."""
@@ -217,8 +224,8 @@ def _grid_search(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor
             operand = products.weight_operand(w, per_channel_scale(amax, INT4_MAX, g))
             if operands is not None and (keep is None or i in keep):
                 operands[i] = operand
-        diff = products.scaled(x_q, x_scale, operand, out_dtype=torch.float32).to(torch.float64)
-        errors.append(diff.sub_(ref64).square_().sum(dim=0))  # ((y - ref)^2).sum(0), in place
+        # ((y - ref) ** 2).sum(0) with y the fp32 scaled products: the squares in one pass.
+        errors.append(products.squared_errors(x_q, x_scale, operand, ref64, torch.float32).sum(dim=0))
     err = torch.stack(errors)  # [G, N]
     best = torch.argmin(err, dim=0)  # first minimum: the larger clip on ties
     clip = torch.tensor(grid, dtype=torch.float32, device=err.device)[best]
@@ -303,8 +310,10 @@ def _alpha_search(products: IntProducts, gate_up: torch.Tensor, down: Int4Operan
                   ) -> tuple[float, float, float]:
     """:func:`search_alpha` on a ready down operand; ``w_down`` fp32 ``[H, I]`` (only used
     for the refinement) holds the weight it stands for, as float."""
+    reference64 = reference.to(torch.float64)
+
     def err(a: float) -> float:
-        return squared_error(_down(products, gate_up, a, down), reference)
+        return _down_error(products, gate_up, a, down, reference64)
 
     grid_errors = [err(a) for a in grid]
     best_i = min(range(len(grid)), key=lambda i: (grid_errors[i], i))
@@ -424,7 +433,7 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
         return clip
 
     def err_on(mask: torch.Tensor, down: Int4Operand, alpha: float) -> float:
-        return squared_error(_down(products, gate_up[mask], alpha, down), reference[mask])
+        return _down_error(products, gate_up[mask], alpha, down, reference[mask].to(torch.float64))
 
     down_at_1 = down_clip_for(1.0)
     op_down_at_1 = operand("down", down_at_1)

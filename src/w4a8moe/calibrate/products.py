@@ -10,7 +10,10 @@ whichever backend multiplies.
 A backend may offer ``quantize_int4_operand(weight, scale)`` and ``operand_int_matmul(a_q,
 operand)`` (the CPU backend does): the per-channel int4 quantization of an fp32 weight,
 written straight into its GEMM layout in one pass. The search quantizes each weight under
-about twenty clip grids, and that pass is then as cheap as reading the weight once.
+about twenty clip grids, and that pass is then as cheap as reading the weight once. It may
+also offer ``scaled_squared_error`` (the CPU backend does): the scaling of the products and
+their squared difference to a float64 reference, the same bits as those torch steps, in one
+pass; the sums over them stay torch's.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ class IntProducts:
 
         self.device = torch.device(device or "cpu")
         self.backend = backend if backend is not None else int_matmul_backend(self.device)
-        self._fused = callable(getattr(self.backend, "quantize_int4_operand", None)) and self.device.type == "cpu"
+        cpu = self.device.type == "cpu"
+        self._fused = cpu and callable(getattr(self.backend, "quantize_int4_operand", None))
+        self._fused_errors = cpu and callable(getattr(self.backend, "scaled_squared_error", None))
 
     @property
     def name(self) -> str:
@@ -68,3 +73,12 @@ class IntProducts:
         """Bit-identical to :func:`w4a8moe.quant.scaled_int_matmul` of ``a_q``, ``a_scale`` and
         the operand's values and scales."""
         return scale_int32(self.int32(a_q, operand), a_scale, operand.scale, out_dtype)
+
+    def squared_errors(self, a_q: torch.Tensor, a_scale: torch.Tensor, operand: Int4Operand,
+                       reference: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """float64 ``[M, N]``: ``(scaled(a_q, a_scale, operand, out_dtype).double() - reference) ** 2``
+        element for element (``reference`` float64 ``[M, N]``); callers sum it."""
+        acc = self.int32(a_q, operand)
+        if self._fused_errors:
+            return self.backend.scaled_squared_error(acc, a_scale, operand.scale, reference, out_dtype)
+        return scale_int32(acc, a_scale, operand.scale, out_dtype).to(torch.float64).sub_(reference).square_()

@@ -152,6 +152,8 @@ class KernelLibrary:
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_scaled_sq_err.restype = None
+        lib.w4a8_scaled_sq_err.argtypes = [_P, _I64, _I64, _P, _P, _P, _INT, _P, _INT]
         lib.w4a8_quant_int4_layout.restype = _INT
         lib.w4a8_quant_int4_layout.argtypes = [_P, _I64, _I64, _P, _INT, _P, _INT]
         lib.w4a8_swiglu_clip_quant.restype = _INT
@@ -473,6 +475,27 @@ class CpuBackend:
                 raise ValueError(f"a_q must be int8 [M, {k}], got {a_q.dtype} {list(a_q.shape)}")
             return torch.zeros((a_q.shape[0], n), dtype=torch.int32)
         return self._gemm(operand.layout, n, k, a_q, None, None, int8_weights=False)
+
+    def scaled_squared_error(self, acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                             reference: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """float64 ``[M, N]``: ``(scale_int32(acc, x_scale, w_scale, out_dtype).double() -
+        reference) ** 2`` element for element (the bits of those torch steps), in one pass.
+
+        ``acc`` int32 ``[M, N]``, ``reference`` float64 ``[M, N]``; ``out_dtype`` fp32 or bf16.
+        """
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+        m, n = acc.shape
+        if acc.dtype != torch.int32 or reference.dtype != torch.float64 or tuple(reference.shape) != (m, n):
+            raise ValueError(f"expected int32 acc and float64 reference of one shape, got {acc.dtype} "
+                             f"{list(acc.shape)} and {reference.dtype} {list(reference.shape)}")
+        acc, ref = acc.contiguous(), reference.contiguous()
+        xs = x_scale.reshape(m).to(torch.float32).contiguous()
+        ws = w_scale.reshape(n).to(torch.float32).contiguous()
+        out = torch.empty((m, n), dtype=torch.float64)
+        self.kernel.lib.w4a8_scaled_sq_err(_ptr(acc), m, n, _ptr(xs), _ptr(ws), _ptr(ref),
+                                           int(out_dtype == torch.bfloat16), _ptr(out), self.num_threads)
+        return out
 
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: float = 1.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

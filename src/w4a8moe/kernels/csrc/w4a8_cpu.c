@@ -1203,3 +1203,45 @@ int w4a8_quant_int4_layout(const float *w, int64_t n, int64_t k, const float *sc
     free(rows);
     return W4A8_OK;
 }
+
+/* ---- the clip search's errors: scaled int32 products against a float64 reference ---- */
+
+/* out[m, n] = d * d with d = (double)y - ref[m, n] and y = (float(acc[m, n]) * xs[m]) * ws[n]
+ * in fp32 (rounded to bf16 first when round_bf16): torch's
+ * ((scale_int32(acc, xs, ws, dtype).double() - ref) ** 2) element for element, in one pass
+ * instead of six; the caller sums it with torch, in torch's order. */
+typedef struct {
+    const int32_t *acc;
+    const float *xs, *ws;
+    const double *ref;
+    int64_t n;
+    int round_bf16;
+    double *out;
+} sq_err_args;
+
+static void sq_err_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const sq_err_args *a = (const sq_err_args *)job->args;
+    for (int64_t r = begin; r < end; r++) {
+        const float xs = a->xs[r];
+        const int32_t *acc = a->acc + r * a->n;
+        const double *ref = a->ref + r * a->n;
+        double *out = a->out + r * a->n;
+        for (int64_t c = 0; c < a->n; c++) {
+            float y = (float)acc[c] * xs;
+            y = y * a->ws[c];
+            if (a->round_bf16) y = bf16_to_f32(f32_to_bf16(y));
+            const double d = (double)y - ref[c];
+            out[c] = d * d;
+        }
+    }
+}
+
+void w4a8_scaled_sq_err(const int32_t *acc, int64_t m, int64_t n, const float *xs, const float *ws,
+                        const double *ref, int round_bf16, double *out, int nthreads) {
+    sq_err_args args = {acc, xs, ws, ref, n, round_bf16, out};
+    pool_job job = {.nphases = 1, .run = sq_err_rows, .args = &args};
+    job.total[0] = m;
+    job.chunk[0] = chunk_for(m, nthreads, 4);
+    if (m > 0 && n > 0) pool_submit(&job, (m * n < (1 << 15)) ? 1 : nthreads);
+}
