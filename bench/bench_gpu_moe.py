@@ -153,7 +153,7 @@ def main() -> int:
     from w4a8moe.kernels.reference import ReferenceBackend
     from w4a8moe.kernels.triton_backend import TritonBackend, default_gemm_config
     from w4a8moe.quant import swiglu_clip_quant
-    from w4a8moe.quant.matmul import apply_int32_scales
+    from w4a8moe.quant.matmul import scale_int32
 
     skip = set(filter(None, args.skip.split(",")))
     m_values = (1, 4096) if args.quick else M_VALUES
@@ -229,9 +229,9 @@ def main() -> int:
         xs_q, xs_scale = x_q[r["token_ids"]], x_scale[r["token_ids"]]
         rows = torch.empty((xs_q.shape[0], HIDDEN), dtype=torch.bfloat16, device=DEVICE)
         for e, lo, hi in spans:
-            gu = apply_int32_scales(int_mm(xs_q[lo:hi], w13_q[e]), xs_scale[lo:hi], w13_s[e])
+            gu = scale_int32(int_mm(xs_q[lo:hi], w13_q[e]), xs_scale[lo:hi], w13_s[e])
             h_q, h_scale = swiglu_clip_quant(gu, alpha[e])
-            rows[lo:hi] = apply_int32_scales(int_mm(h_q, w2_q[e]), h_scale, w2_s[e])
+            rows[lo:hi] = scale_int32(int_mm(h_q, w2_q[e]), h_scale, w2_s[e])
         return combine(rows, r, x.shape[0])
 
     # ---- correctness on the real GPU: M = 8 against the CPU reference ----------------------

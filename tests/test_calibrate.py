@@ -208,3 +208,177 @@ def test_gptq_in_the_pipeline_validates(tmp_path):
     assert all(e["rel_err_learned"] <= e["rel_err_rtn"] for e in experts)
     assert all(e["gptq"] or any("GPTQ rejected" in n for n in e["notes"]) or e["status"] != "learned"
                for e in experts)
+
+
+# ---- the products' backend does not change a bit -------------------------------------------
+
+
+def _native_or_skip():
+    from w4a8moe.kernels import cpu as cpu_mod
+
+    try:
+        return cpu_mod.CpuBackend("native")
+    except cpu_mod.KernelBuildError as exc:
+        pytest.skip(f"the CPU kernel cannot be built here: {exc}")
+
+
+def _assert_same_clips(a, b) -> None:
+    assert (a.alpha, a.status, a.tokens, a.alpha_grid_best, a.notes) == (b.alpha, b.status, b.tokens,
+                                                                         b.alpha_grid_best, b.notes)
+    for f in ("err_rtn", "err_learned", "ref_energy", "heldout_err_rtn", "heldout_err_learned", "heldout_ref_energy"):
+        assert getattr(a, f) == getattr(b, f), f
+    for p in ("gate", "up", "down"):
+        assert torch.equal(a.weight_clip[p].view(torch.int32), b.weight_clip[p].view(torch.int32)), p
+    assert (a.quantized is None) == (b.quantized is None)
+    for p in (a.quantized or {}):
+        assert torch.equal(a.quantized[p][0], b.quantized[p][0]) and torch.equal(a.quantized[p][1], b.quantized[p][1])
+
+
+def _adversarial_cases():
+    """(name, x, weights, settings): outliers, zeros, tiny and odd shapes, alpha moving off 1."""
+    cases = []
+    for seed in range(3):
+        cases.append((f"outliers{seed}", _tokens(40 + seed, 96), _expert(30 + seed), ClipSearchSettings()))
+    w, x = _split_behaviour_expert()
+    cases.append(("held-out refuses", x, w, ClipSearchSettings()))
+    x_same = x.clone()
+    x_same[:, 1], x_same[:, 0] = x[0, 1], 8.0
+    cases.append(("alpha accepted", x_same, w, ClipSearchSettings()))
+    odd = _expert(50, hidden=37, inter=19)
+    x_odd = _tokens(51, 23, hidden=37)
+    x_odd[3] = 0.0  # an all-zero token
+    x_odd[5, 7] = 3e4  # one huge activation
+    odd.down[:, 2] = 0.0  # an unused intermediate channel
+    odd.gate[4] = 0.0  # an all-zero output channel
+    cases.append(("odd sizes", x_odd, odd, ClipSearchSettings(gptq=True)))
+    cases.append(("two tokens", _tokens(52, 2, hidden=37), odd, ClipSearchSettings(min_expert_tokens=2)))
+    cases.append(("gptq", _tokens(53, 80), _expert(54), ClipSearchSettings(gptq=True)))
+    cases.append(("alpha only", _tokens(55, 64), _expert(56), ClipSearchSettings(learn_weight_clip=False)))
+    cases.append(("no refine", _tokens(57, 64), _expert(58), ClipSearchSettings(refine_steps=0)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _adversarial_cases(), ids=lambda c: c[0])
+def test_native_products_give_the_float64_products_clips(case):
+    """The kernel's int8 GEMM (and its fused weight quantization) against the float64 matmul of
+    the reference backend: the same clips, alpha, errors and GPTQ values, bit for bit."""
+    from w4a8moe.calibrate.products import IntProducts
+    from w4a8moe.kernels.reference import ReferenceBackend
+
+    _, x, w, settings = case
+    slow = learn_expert_clips(x, w, settings, products=IntProducts(ReferenceBackend()))
+    fast = learn_expert_clips(x, w, settings, products=IntProducts(_native_or_skip()))
+    _assert_same_clips(slow, fast)
+
+
+def test_the_alpha_clip_moves_in_the_identity_cases():
+    # Guards the test above: some of its cases must exercise the second down search, the
+    # refinement and the held-out decision, not just alpha = 1 everywhere.
+    alphas = {name: learn_expert_clips(x, w, s).alpha for name, x, w, s in _adversarial_cases()}
+    assert alphas["alpha accepted"] < 0.5 and alphas["held-out refuses"] == 1.0
+    assert sum(a != 1.0 for a in alphas.values()) >= 2
+
+
+def test_public_searches_are_backend_independent():
+    from w4a8moe.calibrate.products import IntProducts
+    from w4a8moe.kernels.reference import ReferenceBackend
+
+    fast, slow = IntProducts(_native_or_skip()), IntProducts(ReferenceBackend())
+    w = _expert(60, hidden=48, inter=26)
+    x = _tokens(61, 50, hidden=48)
+    x_q, x_scale = dynamic_quant_per_token(x)
+    ref = x.float() @ w.gate.T
+    for a, b in zip(search_weight_clip(x_q, x_scale, w.gate, ref, products=fast),
+                    search_weight_clip(x_q, x_scale, w.gate, ref, products=slow)):
+        assert torch.equal(a, b)
+    qd, sd = quantize_int4_per_channel(w.down)
+    gate_up = scaled_int_matmul(x_q, x_scale, *quantize_int4_per_channel(torch.cat((w.gate, w.up))))
+    reference = expert_reference_output(x, w)
+    assert search_alpha(gate_up, qd, sd, reference, products=fast) == search_alpha(gate_up, qd, sd, reference,
+                                                                                   products=slow)
+    assert torch.equal(quantized_expert_output(x, w, products=fast), quantized_expert_output(x, w, products=slow))
+
+
+def test_weight_with_nan_is_refused():
+    w = _expert(62)
+    w.up[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        learn_expert_clips(_tokens(63, 40), w)
+
+
+def test_refinement_reusing_gradients_is_the_plain_descent():
+    """:func:`refine_alpha_ste` reuses the gradient where log(alpha) repeats (held at a bound);
+    a plain Adam loop that recomputes every step must visit the same alphas."""
+    from w4a8moe.calibrate.clips import ALPHA_MIN, refine_alpha_ste
+    from w4a8moe.quant import INT8_MAX, dequantize_per_channel, swiglu_fp32
+
+    def plain(gate_up, w_down, reference, alpha0, steps, lr):
+        h = swiglu_fp32(gate_up)
+        hmax = h.abs().amax(dim=-1, keepdim=True)
+        scale = float((reference ** 2).mean()) or 1.0
+        log_alpha = torch.tensor(float(torch.log(torch.tensor(alpha0))), requires_grad=True)
+        opt = torch.optim.Adam([log_alpha], lr=lr)
+        out = []
+        with torch.enable_grad():
+            for _ in range(steps):
+                bound = log_alpha.exp().clamp(ALPHA_MIN, 1.0) * hmax
+                clipped = torch.minimum(torch.maximum(h, -bound), bound)
+                step = torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
+                z = clipped / step
+                y = ((z + (torch.round(z) - z).detach()) * step) @ w_down.T
+                loss = ((y - reference) ** 2).mean() / scale
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    log_alpha.clamp_(max=0.0, min=float(torch.log(torch.tensor(ALPHA_MIN))))
+                out.append(round(float(log_alpha.detach().exp()), 6))
+        return out
+
+    for w, x in ((_expert(64), _tokens(65, 80)), _split_behaviour_expert()):
+        x_q, x_scale = dynamic_quant_per_token(x)
+        gate_up = scaled_int_matmul(x_q, x_scale, *quantize_int4_per_channel(torch.cat((w.gate, w.up))))
+        w_down = dequantize_per_channel(*quantize_int4_per_channel(w.down))
+        reference = expert_reference_output(x, w)
+        for alpha0 in (1.0, 0.5, ALPHA_MIN):
+            assert refine_alpha_ste(gate_up, w_down, reference, alpha0) == plain(gate_up, w_down, reference,
+                                                                                alpha0, 40, 0.02)
+
+
+def test_products_backend_by_device():
+    from w4a8moe.calibrate.products import IntProducts
+    from w4a8moe.kernels.base import int_matmul_backend
+
+    assert hasattr(int_matmul_backend("cpu"), "int_matmul")
+    assert IntProducts().device == torch.device("cpu")
+    with pytest.raises(ValueError, match="no exact integer matmul"):
+        int_matmul_backend("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            int_matmul_backend("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_products_are_exact_and_the_clips_match_where_the_math_is_exact():
+    from w4a8moe.calibrate.products import IntProducts
+    from w4a8moe.quant import int8_matmul_int32
+
+    cuda = IntProducts(device="cuda")
+    g = torch.Generator().manual_seed(70)
+    for m, n, k in ((1, 1, 1), (5, 33, 7), (40, 130, 1031), (300, 64, 256)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        assert torch.equal(cuda.backend.int_matmul(a.cuda(), b.cuda()).cpu(), int8_matmul_int32(a, b))
+    # The weight clip search alone: exact integer products, elementwise fp32/fp64 steps that
+    # CUDA rounds as the CPU does, and per-channel sums over the rows, which CUDA adds in
+    # another order (an ulp of an error; only a near-exact tie between two clips could flip).
+    # The reference (an fp32 matmul, which would differ more) is the CPU's for both.
+    w = _expert(71)
+    x = _tokens(72, 90)
+    x_q, x_scale = dynamic_quant_per_token(x)
+    ref = x.float() @ w.gate.T
+    cpu_clip = search_weight_clip(x_q, x_scale, w.gate, ref)[0]
+    cuda_clip = search_weight_clip(x_q.cuda(), x_scale.cuda(), w.gate.cuda(), ref.cuda(), products=cuda)[0]
+    assert torch.equal(cpu_clip, cuda_clip.cpu())
+    clips = learn_expert_clips(x, w, products=cuda)  # the whole search runs there and returns CPU tensors
+    assert all(c.device.type == "cpu" for c in clips.weight_clip.values()) and 0 < clips.alpha <= 1

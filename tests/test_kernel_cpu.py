@@ -567,3 +567,88 @@ def test_swiglu_clip_quant_adversarial_rows(native):
         expect_q, expect_c = swiglu_clip_quant(gate_up, alpha)
         assert torch.equal(h_q, expect_q) and torch.equal(c, expect_c)
         assert bool((h_q[2::8] == 0).all()) and bool((c[2::8] == 0).all())
+
+
+# ---- the clip search's products: int_matmul and the fused int4 weight operand ----------------
+
+
+@pytest.mark.parametrize("n,k,m", [(64, 256, 8), (33, 70, 13), (1, 1, 1), (5, 7, 3), (48, 130, 0), (0, 9, 4),
+                                   (7, 0, 2), (130, 1031, 37)])
+def test_int_matmul_is_exact(backend, n, k, m):
+    g = torch.Generator().manual_seed(n * 31 + k + m)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    if m and n and k:
+        a[0] = -128  # the extremes, and a zero row
+        b[0] = -128
+        a[-1] = 0
+    acc = backend.int_matmul(a, b)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert torch.equal(acc, int8_matmul_int32(a, b))
+    assert torch.equal(acc, ReferenceBackend().int_matmul(a, b))
+    assert np.array_equal(acc.numpy(), a.numpy().astype(np.int64) @ b.numpy().astype(np.int64).T)
+
+
+def test_int_matmul_rejects_bad_operands(native):
+    with pytest.raises(ValueError, match="int_matmul expects int8"):
+        native.int_matmul(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int_matmul expects int8"):
+        native.int_matmul(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int8))
+
+
+def _weights_for_int4_operand(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 weights and scales with exact rounding ties, clamped values, zeros and outliers."""
+    from w4a8moe.quant import per_channel_scale
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[:, :: max(1, k // 5)] *= 40.0  # outlier columns
+    scale = per_channel_scale(w.abs().amax(dim=-1), 7, 0.6)  # clipped: values beyond +-7 clamp
+    if n > 2:
+        w[1] = 0.0  # an all-zero channel (scale 1 from per_channel_scale's rule)
+        scale[1] = 1.0
+        ties = (torch.arange(k) % 16 - 8).to(torch.float32) + 0.5  # -7.5 .. 7.5: half-way cases
+        w[2], scale[2] = ties * 0.25, 0.25  # exact in fp32: w / s is exactly x.5
+    return w, scale
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (33, 70), (64, 256), (40, 1031), (2048 // 16, 96)])
+def test_quantize_int4_operand_is_quantize_with_scale(backend, n, k):
+    from w4a8moe.quant import quantize_with_scale
+
+    w, scale = _weights_for_int4_operand(n, k, seed=n + k)
+    q = quantize_with_scale(w, scale, 7)
+    operand = backend.quantize_int4_operand(w, scale)
+    assert operand.layout.numel() == backend.kernel.lib.w4a8_layout_bytes(n, k)  # 4 bits per weight
+    # The identity as input reads the values back exactly: acc[j, c] = q[c, j].
+    eye = torch.eye(k, dtype=torch.int8)
+    assert torch.equal(backend.operand_int_matmul(eye, operand), q.T.to(torch.int32))
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-128, 128, (19, k), dtype=torch.int8, generator=g)
+    assert torch.equal(backend.operand_int_matmul(x, operand), int8_matmul_int32(x, q))
+    # The same values the SPEC-4 packing and the kernel's own re-layout give.
+    if n % 2 == 0:
+        assert torch.equal(operand.layout, backend.relayout(pack_int4_pairs(q)))
+
+
+def test_quantize_int4_operand_rejects_bad_inputs(native):
+    with pytest.raises(ValueError, match="fp32"):
+        native.quantize_int4_operand(torch.zeros(4, 4, dtype=torch.bfloat16), torch.ones(4))
+    with pytest.raises(ValueError, match="4 scales"):
+        native.quantize_int4_operand(torch.zeros(4, 4), torch.ones(3))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n", [(1, 1), (7, 33), (64, 300), (200, 257)])
+def test_scaled_squared_error_is_the_torch_steps(native, out_dtype, m, n):
+    from w4a8moe.quant import scale_int32
+
+    g = torch.Generator().manual_seed(m * n)
+    acc = torch.randint(-2**30, 2**30, (m, n), dtype=torch.int32, generator=g)
+    acc[0, 0] = 0
+    x_scale = torch.rand(m, 1, generator=g) * torch.logspace(-8, 2, m).unsqueeze(1)
+    w_scale = torch.rand(n, generator=g) * 0.01
+    reference = torch.randn(m, n, generator=g, dtype=torch.float64) * 1e3
+    expected = (scale_int32(acc, x_scale, w_scale, out_dtype).to(torch.float64) - reference) ** 2
+    got = native.scaled_squared_error(acc, x_scale, w_scale, reference, out_dtype)
+    assert torch.equal(got.view(torch.int64), expected.view(torch.int64))

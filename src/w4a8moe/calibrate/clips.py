@@ -34,12 +34,16 @@ from dataclasses import dataclass, field
 import torch
 
 from w4a8moe.calibrate.gptq import gptq_int4
+from w4a8moe.calibrate.products import Int4Operand, IntProducts
 from w4a8moe.quant import (
+    INT4_MAX,
     INT8_MAX,
     dequantize_per_channel,
     dynamic_quant_per_token,
+    per_channel_scale,
     quantize_int4_per_channel,
-    scaled_int_matmul,
+    quantize_with_scale,
+    scale_int32,
     swiglu_clip_quant,
     swiglu_fp32,
 )
@@ -144,17 +148,44 @@ def expert_reference_output(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     return swiglu_fp32(gate_up) @ w.down.T
 
 
+def _gate_up(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor, gate: Int4Operand,
+             up: Int4Operand) -> torch.Tensor:
+    """GMM1 as the runtime runs it: int8 input x int4 gate|up, bf16 output ``[M, 2I]``.
+
+    The int32 products of gate and up side by side are those of the stacked weight, so this
+    is bit-identical to ``scaled_int_matmul(x_q, x_scale, cat(q_gate, q_up), cat(s_gate, s_up))``.
+    """
+    acc = torch.cat((products.int32(x_q, gate), products.int32(x_q, up)), dim=1)
+    return scale_int32(acc, x_scale, torch.cat((gate.scale, up.scale)))
+
+
+def _down(products: IntProducts, gate_up: torch.Tensor, alpha: float, down: Int4Operand) -> torch.Tensor:
+    """SwiGLU-clip-quant then GMM2, as the runtime runs it (bf16 output)."""
+    h_q, h_scale = swiglu_clip_quant(gate_up, alpha)
+    return products.scaled(h_q, h_scale, down)
+
+
+def _down_error(products: IntProducts, gate_up: torch.Tensor, alpha: float, down: Int4Operand,
+                reference64: torch.Tensor) -> float:
+    """``squared_error(_down(...), reference)`` with the reference already in float64."""
+    h_q, h_scale = swiglu_clip_quant(gate_up, alpha)
+    return float(products.squared_errors(h_q, h_scale, down, reference64).sum())
+
+
 def quantized_gate_up(x_q: torch.Tensor, x_scale: torch.Tensor, q_gate: torch.Tensor, s_gate: torch.Tensor,
-                      q_up: torch.Tensor, s_up: torch.Tensor) -> torch.Tensor:
+                      q_up: torch.Tensor, s_up: torch.Tensor, products: IntProducts | None = None) -> torch.Tensor:
     """GMM1 as the runtime runs it: int8 input x int4 gate|up, bf16 output ``[M, 2I]``."""
-    return scaled_int_matmul(x_q, x_scale, torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up)))
+    products = products or IntProducts()
+    return _gate_up(products, x_q, x_scale, products.values_operand(q_gate, s_gate),
+                    products.values_operand(q_up, s_up))
 
 
 def quantized_down(gate_up: torch.Tensor, alpha: float, q_down: torch.Tensor, s_down: torch.Tensor,
-                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16, products: IntProducts | None = None) -> torch.Tensor:
     """SwiGLU-clip-quant then GMM2, as the runtime runs it (bf16 output by default)."""
+    products = products or IntProducts()
     h_q, h_scale = swiglu_clip_quant(gate_up, alpha)
-    return scaled_int_matmul(h_q, h_scale, q_down, s_down, out_dtype)
+    return products.scaled(h_q, h_scale, products.values_operand(q_down, s_down), out_dtype)
 
 
 def squared_error(y: torch.Tensor, reference: torch.Tensor) -> float:
@@ -162,28 +193,61 @@ def squared_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((y.to(torch.float64) - reference.to(torch.float64)) ** 2).sum())
 
 
+def _checked_amax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight in fp32, its per-channel max |W|)``, checked finite once for all clips."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a weight [N, K], got shape {tuple(weight.shape)}")
+    w = weight.to(torch.float32)
+    # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
+    # into it, so checking the N maxima checks the weight.
+    low, high = torch.aminmax(w, dim=-1)
+    amax = torch.maximum(-low, high)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("weight contains NaN or Inf")
+    return w, amax
+
+
+def _grid_search(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor,
+                 amax: torch.Tensor, reference: torch.Tensor, grid: tuple[float, ...],
+                 operands: dict[int, Int4Operand] | None = None, keep: set[int] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`search_weight_clip` on a checked fp32 weight and its ``amax``.
+
+    ``operands`` caches the quantized weight per grid index across calls on the same weight
+    (those in ``keep``, or all when ``keep`` is ``None``): it does not change with the input.
+    """
+    ref64 = reference.to(torch.float64)
+    errors = []
+    for i, g in enumerate(grid):
+        operand = operands.get(i) if operands is not None else None
+        if operand is None:
+            operand = products.weight_operand(w, per_channel_scale(amax, INT4_MAX, g))
+            if operands is not None and (keep is None or i in keep):
+                operands[i] = operand
+        # ((y - ref) ** 2).sum(0) with y the fp32 scaled products: the squares in one pass.
+        errors.append(products.squared_errors(x_q, x_scale, operand, ref64, torch.float32).sum(dim=0))
+    err = torch.stack(errors)  # [G, N]
+    best = torch.argmin(err, dim=0)  # first minimum: the larger clip on ties
+    clip = torch.tensor(grid, dtype=torch.float32, device=err.device)[best]
+    return clip, err[0], err.gather(0, best.unsqueeze(0)).squeeze(0)
+
+
 def search_weight_clip(
     x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, reference: torch.Tensor,
-    grid: tuple[float, ...] = DEFAULT_WEIGHT_CLIP_GRID,
+    grid: tuple[float, ...] = DEFAULT_WEIGHT_CLIP_GRID, products: IntProducts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-output-channel int4 clip factors minimising this projection's output error.
 
     ``x_q``/``x_scale``: the quantized input rows (int8 ``[M, K]``, fp32 ``[M, 1]``);
     ``weight`` fp32 ``[N, K]``; ``reference`` fp32 ``[M, N]`` the output to match. Each
-    candidate clip quantizes the whole weight with :func:`quantize_int4_per_channel` and runs
-    :func:`scaled_int_matmul`; output channels are independent, so each takes the grid value
-    with the least squared error over the rows (ties go to the larger clip, grid order).
-    Returns ``(clip [N], error with clip 1 [N], error with the chosen clip [N])``.
+    candidate clip quantizes the whole weight as :func:`quantize_int4_per_channel` does and
+    multiplies as :func:`w4a8moe.quant.scaled_int_matmul` does (fp32 output; the exact int32
+    products by ``products``' backend); output channels are independent, so each takes the
+    grid value with the least squared error over the rows (ties go to the larger clip, grid
+    order). Returns ``(clip [N], error with clip 1 [N], error with the chosen clip [N])``.
     """
-    errors = []
-    for g in grid:
-        q, s = quantize_int4_per_channel(weight, clip=g)
-        y = scaled_int_matmul(x_q, x_scale, q, s, out_dtype=torch.float32)
-        errors.append(((y.to(torch.float64) - reference.to(torch.float64)) ** 2).sum(dim=0))
-    err = torch.stack(errors)  # [G, N]
-    best = torch.argmin(err, dim=0)  # first minimum: the larger clip on ties
-    clip = torch.tensor(grid, dtype=torch.float32)[best]
-    return clip, err[0], err.gather(0, best.unsqueeze(0)).squeeze(0)
+    w, amax = _checked_amax(weight)
+    return _grid_search(products or IntProducts(), x_q, x_scale, w, amax, reference, grid)
 
 
 def _ste_round(z: torch.Tensor) -> torch.Tensor:
@@ -206,7 +270,7 @@ def refine_alpha_ste(
     hmax = h.abs().amax(dim=-1, keepdim=True)
     ref = reference.to(torch.float32)
     scale = float((ref ** 2).mean()) or 1.0
-    log_alpha = torch.tensor(float(torch.log(torch.tensor(alpha0))), requires_grad=True)
+    log_alpha = torch.tensor(float(torch.log(torch.tensor(alpha0))), requires_grad=True, device=h.device)
     opt = torch.optim.Adam([log_alpha], lr=lr)
     with torch.enable_grad():  # callers may run under no_grad
         return _descend(log_alpha, opt, h, hmax, w_down, ref, scale, steps)
@@ -216,15 +280,24 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
              w_down: torch.Tensor, ref: torch.Tensor, scale: float, steps: int) -> list[float]:
     """The gradient steps of :func:`refine_alpha_ste`; returns the alpha after each step."""
     visited = []
+    # The gradient is a function of log_alpha alone: where a step lands on a log_alpha seen
+    # before (typically held at a bound by the clamp, e.g. alpha = 1), reuse it rather than
+    # redo the two matmuls; the bits are those a recomputation would give.
+    seen: dict[float, torch.Tensor] = {}
     for _ in range(steps):
-        alpha = log_alpha.exp().clamp(ALPHA_MIN, 1.0)
-        bound = alpha * hmax
-        clipped = torch.minimum(torch.maximum(h, -bound), bound)
-        step = torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
-        y = (_ste_round(clipped / step) * step) @ w_down.T
-        loss = ((y - ref) ** 2).mean() / scale
+        key = float(log_alpha.detach())
         opt.zero_grad()
-        loss.backward()
+        if key in seen:
+            log_alpha.grad = seen[key].clone()
+        else:
+            alpha = log_alpha.exp().clamp(ALPHA_MIN, 1.0)
+            bound = alpha * hmax
+            clipped = torch.minimum(torch.maximum(h, -bound), bound)
+            step = torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
+            y = (_ste_round(clipped / step) * step) @ w_down.T
+            loss = ((y - ref) ** 2).mean() / scale
+            loss.backward()
+            seen[key] = log_alpha.grad.detach().clone()
         opt.step()
         with torch.no_grad():
             log_alpha.clamp_(max=0.0, min=float(torch.log(torch.tensor(ALPHA_MIN))))
@@ -232,25 +305,21 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
     return visited
 
 
-def search_alpha(
-    gate_up: torch.Tensor, q_down: torch.Tensor, s_down: torch.Tensor, reference: torch.Tensor,
-    grid: tuple[float, ...] = DEFAULT_ALPHA_GRID, refine_steps: int = 40, refine_lr: float = 0.02,
-) -> tuple[float, float, float]:
-    """The activation clip ``alpha_e`` with the least exact output error on these rows.
+def _alpha_search(products: IntProducts, gate_up: torch.Tensor, down: Int4Operand, w_down: torch.Tensor,
+                  reference: torch.Tensor, grid: tuple[float, ...], refine_steps: int, refine_lr: float,
+                  ) -> tuple[float, float, float]:
+    """:func:`search_alpha` on a ready down operand; ``w_down`` fp32 ``[H, I]`` (only used
+    for the refinement) holds the weight it stands for, as float."""
+    reference64 = reference.to(torch.float64)
 
-    Grid search with the runtime math (:func:`quantized_down`), then straight-through
-    gradient refinement from the grid's best; points of its path (every
-    ``REFINE_EVAL_EVERY``-th and the last) replace it only if their exact error is lower. Returns ``(alpha, its error, the grid's best alpha)``.
-    """
     def err(a: float) -> float:
-        return squared_error(quantized_down(gate_up, a, q_down, s_down), reference)
+        return _down_error(products, gate_up, a, down, reference64)
 
     grid_errors = [err(a) for a in grid]
     best_i = min(range(len(grid)), key=lambda i: (grid_errors[i], i))
     best_alpha, best_err = float(grid[best_i]), grid_errors[best_i]
     grid_best = best_alpha
     if refine_steps > 0:
-        w_down = dequantize_per_channel(q_down, s_down)
         path = refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr)
         # Judge every REFINE_EVAL_EVERY-th point of the path and its end with the exact math.
         for a in sorted(set(path[REFINE_EVAL_EVERY - 1 :: REFINE_EVAL_EVERY] + path[-1:])):
@@ -260,38 +329,69 @@ def search_alpha(
     return best_alpha, best_err, grid_best
 
 
+def search_alpha(
+    gate_up: torch.Tensor, q_down: torch.Tensor, s_down: torch.Tensor, reference: torch.Tensor,
+    grid: tuple[float, ...] = DEFAULT_ALPHA_GRID, refine_steps: int = 40, refine_lr: float = 0.02,
+    products: IntProducts | None = None,
+) -> tuple[float, float, float]:
+    """The activation clip ``alpha_e`` with the least exact output error on these rows.
+
+    Grid search with the runtime math (:func:`quantized_down`), then straight-through
+    gradient refinement from the grid's best; points of its path (every
+    ``REFINE_EVAL_EVERY``-th and the last) replace it only if their exact error is lower. Returns ``(alpha, its error, the grid's best alpha)``.
+    """
+    products = products or IntProducts()
+    return _alpha_search(products, gate_up, products.values_operand(q_down, s_down),
+                         dequantize_per_channel(q_down, s_down), reference, grid, refine_steps, refine_lr)
+
+
 def _rtn_clips(w: ExpertWeights) -> dict[str, torch.Tensor]:
-    return {p: torch.ones(getattr(w, p).shape[0]) for p in ("gate", "up", "down")}
+    return {p: torch.ones(getattr(w, p).shape[0], device=getattr(w, p).device) for p in ("gate", "up", "down")}
 
 
 def _rtn_values(w: ExpertWeights, clips: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {p: quantize_int4_per_channel(getattr(w, p), clips[p]) for p in ("gate", "up", "down")}
 
 
-def _output_of(x_q, x_scale, qs: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float) -> torch.Tensor:
-    gate_up = quantized_gate_up(x_q, x_scale, *qs["gate"], *qs["up"])
-    return quantized_down(gate_up, alpha, *qs["down"])
-
-
-def _expert_output(x_q, x_scale, w: ExpertWeights, clips: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-    return _output_of(x_q, x_scale, _rtn_values(w, clips), alpha)
-
-
 def quantized_expert_output(x: torch.Tensor, w: ExpertWeights, clips: dict[str, torch.Tensor] | None = None,
-                            alpha: float = 1.0) -> torch.Tensor:
+                            alpha: float = 1.0, products: IntProducts | None = None) -> torch.Tensor:
     """The expert's W4A8 output (bf16 ``[M, H]``) with the given clips, by the runtime math."""
+    products = products or IntProducts()
     x_q, x_scale = dynamic_quant_per_token(x)
-    return _expert_output(x_q, x_scale, w, clips or _rtn_clips(w), alpha)
+    qs = {p: products.values_operand(*v) for p, v in _rtn_values(w, clips or _rtn_clips(w)).items()}
+    return _down(products, _gate_up(products, x_q, x_scale, qs["gate"], qs["up"]), alpha, qs["down"])
 
 
-def learn_expert_clips(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings = ClipSearchSettings()
-                       ) -> ExpertClips:
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def learn_expert_clips(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings = ClipSearchSettings(),
+                       products: IntProducts | None = None) -> ExpertClips:
     """Learn one expert's weight clips and activation clip from the rows ``x`` routed to it.
 
     ``x`` is the MoE block input of those tokens (``[M, H]``, the model dtype). See the module
     docstring for the procedure; with fewer than ``settings.min_expert_tokens`` rows every
-    clip stays 1 (status ``"too_few_tokens"``).
+    clip stays 1 (status ``"too_few_tokens"``). ``products`` runs the exact integer products
+    (default: the fastest backend on the CPU); with a CUDA ``products`` the search runs on
+    that device and the returned tensors are on the CPU. The clips do not depend on which
+    backend multiplies (the products are exact), only on the float steps' device (see
+    :mod:`w4a8moe.calibrate.products`).
     """
+    products = products or IntProducts()
+    device = products.device
+    if x.device != device:
+        x = x.to(device)
+        w = ExpertWeights(w.gate.to(device), w.up.to(device), w.down.to(device))
+    clips = _learn(x, w, settings, products)
+    if device.type != "cpu":
+        clips.weight_clip = {p: c.cpu() for p, c in clips.weight_clip.items()}
+        if clips.quantized is not None:
+            clips.quantized = {p: (q.cpu(), s.cpu()) for p, (q, s) in clips.quantized.items()}
+    return clips
+
+
+def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, products: IntProducts) -> ExpertClips:
     m = x.shape[0]
     rtn = _rtn_clips(w)
     if m < settings.min_expert_tokens:
@@ -299,64 +399,88 @@ def learn_expert_clips(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSe
                            notes=[f"{m} routed tokens < min_expert_tokens={settings.min_expert_tokens}"])
     x_q, x_scale = dynamic_quant_per_token(x)
     reference = expert_reference_output(x, w)
-    positions = torch.arange(m)
+    positions = torch.arange(m, device=x.device)
     fit = positions % HELDOUT_EVERY != HELDOUT_EVERY - 1
     held = ~fit
     xf = x.to(torch.float32)
+    # Each weight is checked, converted and reduced to its channel maxima once; its int4
+    # operand under a clip vector is built once per distinct use (the per-grid ones of the
+    # down projection are shared by both down searches, the clip-1 ones by the RTN output).
+    weights, amax = {}, {}
+    for p in ("gate", "up", "down"):
+        weights[p], amax[p] = _checked_amax(getattr(w, p))
+
+    def operand(p: str, clip: torch.Tensor | float) -> Int4Operand:
+        return products.weight_operand(weights[p], per_channel_scale(amax[p], INT4_MAX, clip))
 
     clips = dict(rtn)
+    at_1: dict[str, dict[int, Int4Operand]] = {p: {} for p in ("gate", "up")}
     if settings.learn_weight_clip:
         for proj in ("gate", "up"):
-            weight = getattr(w, proj)
-            clips[proj], _, _ = search_weight_clip(
-                x_q[fit], x_scale[fit], weight, xf[fit] @ weight.T, settings.weight_clip_grid
-            )
-    qg, sg = quantize_int4_per_channel(w.gate, clips["gate"])
-    qu, su = quantize_int4_per_channel(w.up, clips["up"])
-    gate_up = quantized_gate_up(x_q, x_scale, qg, sg, qu, su)
+            clips[proj], _, _ = _grid_search(products, x_q[fit], x_scale[fit], weights[proj], amax[proj],
+                                             xf[fit] @ getattr(w, proj).T, settings.weight_clip_grid,
+                                             operands=at_1[proj], keep={0})
+    ops = {p: operand(p, clips[p]) for p in ("gate", "up")}
+    gate_up = _gate_up(products, x_q, x_scale, ops["gate"], ops["up"])
+    down_grid: dict[int, Int4Operand] = {}
 
     def down_clip_for(alpha: float) -> torch.Tensor:
         if not settings.learn_weight_clip:
             return rtn["down"]
         h_q, h_scale = swiglu_clip_quant(gate_up[fit], alpha)
-        clip, _, _ = search_weight_clip(h_q, h_scale, w.down, reference[fit], settings.weight_clip_grid)
+        clip, _, _ = _grid_search(products, h_q, h_scale, weights["down"], amax["down"], reference[fit],
+                                  settings.weight_clip_grid, operands=down_grid)
         return clip
 
-    def err_on(mask: torch.Tensor, down_clip: torch.Tensor, alpha: float) -> float:
-        qd, sd = quantize_int4_per_channel(w.down, down_clip)
-        return squared_error(quantized_down(gate_up[mask], alpha, qd, sd), reference[mask])
+    def err_on(mask: torch.Tensor, down: Int4Operand, alpha: float) -> float:
+        return _down_error(products, gate_up[mask], alpha, down, reference[mask].to(torch.float64))
 
     down_at_1 = down_clip_for(1.0)
+    op_down_at_1 = operand("down", down_at_1)
     alpha, grid_best = 1.0, 1.0
     notes: list[str] = []
-    down = down_at_1
+    down, op_down = down_at_1, op_down_at_1
     if settings.learn_alpha:
-        qd1, sd1 = quantize_int4_per_channel(w.down, down_at_1)
-        cand_alpha, _, grid_best = search_alpha(gate_up[fit], qd1, sd1, reference[fit], settings.alpha_grid,
-                                                settings.refine_steps, settings.refine_lr)
+        w_down = dequantize_per_channel(quantize_with_scale(weights["down"], op_down_at_1.scale, INT4_MAX),
+                                        op_down_at_1.scale) if settings.refine_steps > 0 else None
+        cand_alpha, _, grid_best = _alpha_search(products, gate_up[fit], op_down_at_1, w_down, reference[fit],
+                                                 settings.alpha_grid, settings.refine_steps, settings.refine_lr)
+        del w_down
         if cand_alpha != 1.0:
             cand_down = down_clip_for(cand_alpha)
-            base_held = err_on(held, down_at_1, 1.0)
-            cand_held = err_on(held, cand_down, cand_alpha)
+            op_cand = operand("down", cand_down)
+            base_held = err_on(held, op_down_at_1, 1.0)
+            cand_held = err_on(held, op_cand, cand_alpha)
             if cand_held <= base_held:
-                alpha, down = cand_alpha, cand_down
+                alpha, down, op_down = cand_alpha, cand_down, op_cand
             else:
                 notes.append(f"alpha {cand_alpha:.4f} rejected: held-out error {cand_held:.4g} > {base_held:.4g}")
     clips["down"] = down
 
-    values = _rtn_values(w, clips)
+    learned = {"gate": ops["gate"], "up": ops["up"], "down": op_down}
     quantized = None
     if settings.gptq:
-        candidate = _gptq_values(w, values, x_q, x_scale, fit, alpha)
-        base_held = squared_error(_output_of(x_q[held], x_scale[held], values, alpha), reference[held])
-        gptq_held = squared_error(_output_of(x_q[held], x_scale[held], candidate, alpha), reference[held])
+        values = _rtn_values(w, clips)
+        candidate = _gptq_values(products, w, values, x_q, x_scale, fit, alpha)
+        cand_ops = {p: products.values_operand(*candidate[p]) for p in candidate}
+
+        def held_err(o: dict[str, Int4Operand]) -> float:
+            gu = _gate_up(products, x_q[held], x_scale[held], o["gate"], o["up"])
+            return squared_error(_down(products, gu, alpha, o["down"]), reference[held])
+
+        base_held, gptq_held = held_err(learned), held_err(cand_ops)
         if gptq_held <= base_held:
-            values = quantized = candidate
+            learned, quantized = cand_ops, candidate
         else:
             notes.append(f"GPTQ rejected: held-out error {gptq_held:.4g} > {base_held:.4g}")
 
-    y_rtn = _expert_output(x_q, x_scale, w, rtn, 1.0)
-    y_learned = _output_of(x_q, x_scale, values, alpha)
+    rtn_ops = {p: (at_1[p].get(0) or operand(p, rtn[p])) for p in ("gate", "up")}
+    rtn_ops["down"] = down_grid.get(0) or operand("down", rtn["down"])
+    del down_grid
+    y_rtn = _down(products, _gate_up(products, x_q, x_scale, rtn_ops["gate"], rtn_ops["up"]), 1.0, rtn_ops["down"])
+    gate_up_learned = gate_up if quantized is None else _gate_up(products, x_q, x_scale, learned["gate"],
+                                                                  learned["up"])
+    y_learned = _down(products, gate_up_learned, alpha, learned["down"])
     err_rtn, err_learned = squared_error(y_rtn, reference), squared_error(y_learned, reference)
     status = "learned"
     if err_learned > err_rtn:
@@ -372,12 +496,15 @@ def learn_expert_clips(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSe
     )
 
 
-def _gptq_values(w: ExpertWeights, values: dict[str, tuple[torch.Tensor, torch.Tensor]], x_q: torch.Tensor,
-                 x_scale: torch.Tensor, fit: torch.Tensor, alpha: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _gptq_values(products: IntProducts, w: ExpertWeights, values: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 x_q: torch.Tensor, x_scale: torch.Tensor, fit: torch.Tensor, alpha: float,
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GPTQ (act-order) under the clip-search scales, on the inputs each projection really sees."""
     x_in = dequantize_per_channel(x_q[fit], x_scale[fit].reshape(-1))  # the int8 activations GMM1 reads
     out = {p: (gptq_int4(getattr(w, p), values[p][1], x_in), values[p][1]) for p in ("gate", "up")}
-    h_q, h_scale = swiglu_clip_quant(quantized_gate_up(x_q[fit], x_scale[fit], *out["gate"], *out["up"]), alpha)
+    gate_up = _gate_up(products, x_q[fit], x_scale[fit], products.values_operand(*out["gate"]),
+                       products.values_operand(*out["up"]))
+    h_q, h_scale = swiglu_clip_quant(gate_up, alpha)
     out["down"] = (gptq_int4(w.down, values["down"][1], dequantize_per_channel(h_q, h_scale.reshape(-1))),
                    values["down"][1])
     return out

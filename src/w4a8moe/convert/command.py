@@ -50,7 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop the default keep-bf16 patterns (MLA kv_a/q_a/kv_b, indexer) so they become W8A8")
     p.add_argument("--max-shard-size", type=_size, default=4 << 30, help="output shard size bound (e.g. 4GiB, 500MB)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, which the native kernel's products follow too (default: torch's choice; "
+                        "under torchrun, one per process unless OMP_NUM_THREADS says otherwise)")
+    p.add_argument("--device", default="cpu",
+                   help="where the calibration forward and the clip search run: cpu or cuda (under torchrun, each "
+                        "process uses GPU LOCAL_RANK); the integer products are exact on both")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into DST")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -65,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.dst, fmt=args.fmt, learn=not args.no_learn, calib=args.calib, tokenizer=args.tokenizer,
         calib_sequences=args.calib_sequences, calib_seq_len=args.calib_seq_len, clip_settings=settings,
         resume=args.resume, keep_bf16=keep, max_shard_bytes=args.max_shard_size, batch_size=args.batch_size,
-        num_threads=args.threads, progress=not args.quiet, quant_method=args.quant_method,
+        num_threads=args.threads, progress=not args.quiet, quant_method=args.quant_method, device=args.device,
     )
+    if not report:  # a worker process of a torchrun launch: rank 0 reports
+        return 0
     t, m = report["timing"], report["memory"]
     print(f"converted {args.src} -> {args.dst} ({report['format']}, "
           f"{'learned clips' if report['learned_clips'] else 'round-to-nearest'}): "

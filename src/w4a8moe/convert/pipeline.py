@@ -22,6 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from w4a8moe.calibrate import ClipSearchSettings, ExpertClips, ExpertWeights, learn_expert_clips
+from w4a8moe.calibrate.products import IntProducts
+from w4a8moe.convert.distributed import ClipsOf, ExpertSplit, LearnOne
 from w4a8moe.convert.policy import DEFAULT_KEEP_BF16, W8A8, LayerPolicy
 from w4a8moe.convert.progress import ProgressManifest
 from w4a8moe.convert.runner import LayerRunner
@@ -136,6 +138,7 @@ def convert(
     num_threads: int | None = None,
     progress: bool = True,
     quant_method: str | None = None,
+    device: str = "cpu",
     _fail_after_shards: int | None = None,
 ) -> dict:
     """Convert the Hugging Face MoE checkpoint folder ``src`` to a W4A8 checkpoint in ``dst``.
@@ -151,6 +154,11 @@ def convert(
     with the same settings. ``num_threads`` sets torch's thread count for the run.
     ``quant_method``: the compressed-tensors spelling written, ``"compressed-tensors"``
     (default) or ``"modelslim"`` (what sglang 0.5.7's NPU path loads); AscendV1 has none.
+    The native kernel's products follow ``num_threads``. ``device`` (``"cpu"`` or ``"cuda"``) runs the
+    calibration forward and the clip search there, with exact integer products on either
+    (:mod:`w4a8moe.calibrate.products`). Under ``torchrun`` the experts of each MoE layer are
+    split across the processes (:mod:`w4a8moe.convert.distributed`); rank 0 writes and
+    returns the report, the other ranks return ``{}``.
 
     Returns the report (also written to ``dst/conversion_report.json``, without the timing
     and memory figures, which vary between runs). Raises :class:`ConversionError`,
@@ -164,23 +172,46 @@ def convert(
         raise ConversionError(str(exc)) from exc
     if max_shard_bytes < 1:
         raise ConversionError("max_shard_bytes must be positive")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ConversionError(f"device must be cpu or cuda, got {device!r}") from exc
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        raise ConversionError(f"device {device!r} is not available here (torch sees "
+                              f"{torch.cuda.device_count()} CUDA devices)")
     threads_before = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    split = ExpertSplit()
     try:
         with torch.no_grad():
+            compute = torch.device(split.device(device))
+            if not split.is_leader:
+                split.serve(_expert_learner(SourceCheckpoint(Path(src)), IntProducts(device=compute)))
+                return {}
             return _convert(Path(src), Path(dst), fmt, learn, calib, tokenizer, calib_sequences, calib_seq_len,
                             clip_settings or ClipSearchSettings(), resume,
                             tuple(DEFAULT_KEEP_BF16 if keep_bf16 is None else keep_bf16), max_shard_bytes,
-                            batch_size, progress, _fail_after_shards, quant_method)
+                            batch_size, progress, _fail_after_shards, quant_method, split, compute)
     finally:
+        split.finish()
         torch.set_num_threads(threads_before)
+
+
+def _expert_learner(source: SourceCheckpoint, products: IntProducts) -> LearnOne:
+    """``learn_one`` of :mod:`w4a8moe.convert.distributed` for this source and device."""
+    def learn_one(layer: int, expert: int, rows: torch.Tensor, settings: ClipSearchSettings,
+                  weights: dict[str, torch.Tensor] | None) -> ExpertClips:
+        w = weights if weights is not None else source.load_expert(layer, expert)
+        return learn_expert_clips(rows, ExpertWeights(w["gate"], w["up"], w["down"]), settings, products)
+
+    return learn_one
 
 
 def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, tokenizer, calib_sequences: int,
              calib_seq_len: int, clip_settings: ClipSearchSettings, resume: bool, keep_bf16: tuple[str, ...],
              max_shard_bytes: int, batch_size: int, progress: bool, fail_after_shards: int | None,
-             quant_method: str | None) -> dict:
+             quant_method: str | None, split: ExpertSplit, device: torch.device) -> dict:
     t_start = time.perf_counter()
     source = SourceCheckpoint(src)
     mc = source.model_config
@@ -209,6 +240,9 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
     }
     if quant_method not in (None, fmt.default_quant_method):
         settings["quant_method"] = quant_method  # only when not the default: default runs keep their hash
+    if learn and device.type != "cpu":
+        # Float steps of the search may round differently there: no resume across device kinds.
+        settings["calibration_device"] = device.type
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     # Units of work: the non-layer tensors, then each decoder layer in order.
@@ -274,7 +308,12 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
         first_unit = int(state["resume_unit"])
         run.reports = dict(state["reports"])
 
-    runner = LayerRunner(source, dtype, batch_size) if learn else None
+    runner = LayerRunner(source, dtype, batch_size, device) if learn else None
+    learner = _expert_learner(source, IntProducts(device=device)) if learn else None
+
+    def learn_layer(layer: int, moe_input: torch.Tensor, routed_rows: list[torch.Tensor]) -> ClipsOf:
+        return split.learn_layer(layer, moe_input, routed_rows, clip_settings, learner)
+
     if learn:
         run.hidden = manifest.hidden(state) if state is not None else None
         if run.hidden is None and first_unit <= 1:
@@ -294,7 +333,7 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
         run.unit = index
         bar.set_postfix_str(key)
         entry, next_hidden = _convert_unit(source, policy, writer, runner, run.hidden, layer, unit_names, fmt,
-                                           layer in w4a8_layers, learn, clip_settings, progress)
+                                           layer in w4a8_layers, learn, learn_layer, progress)
         run.reports[key] = entry
         # Unmap the source shards: pages read for this unit should not stay resident.
         source.reader.close()
@@ -340,7 +379,7 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
 def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: CheckpointWriter,
                   runner: LayerRunner | None, hidden: torch.Tensor | None, layer: int | None,
                   unit_names: list[str], fmt: CheckpointFormat, is_w4a8: bool, learn: bool,
-                  clip_settings: ClipSearchSettings, progress: bool) -> tuple[dict, torch.Tensor | None]:
+                  learn_layer, progress: bool) -> tuple[dict, torch.Tensor | None]:
     """Quantize and queue one unit's tensors; return its report entry and the next hidden states."""
     mc = source.model_config
     names = mc.names
@@ -358,7 +397,7 @@ def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: Checkpo
     if is_w4a8:
         block_prefix = names.layer_prefix(layer) + "."
         block_names = {n for n in unit_names if n.startswith(block_prefix)}
-        q_layer, moe_entry = _quantize_moe_layer(source, policy, layer, acts if learn else None, clip_settings, progress)
+        q_layer, moe_entry = _quantize_moe_layer(source, policy, layer, acts if learn else None, learn_layer, progress)
         tensors = moe_layer_tensors(fmt, mc, layer, q_layer, writer.activation_use_clip)
         consumed = _consumed_block_names(source, layer)
         unexpected = sorted(block_names - consumed)
@@ -408,8 +447,9 @@ def _consumed_block_names(source: SourceCheckpoint, layer: int) -> set[str]:
 
 
 def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: int, acts,
-                        clip_settings: ClipSearchSettings, progress: bool) -> tuple[QuantizedMoELayer, dict]:
-    """Quantize one MoE block expert by expert (clips learned from ``acts`` when given)."""
+                        learn_layer, progress: bool) -> tuple[QuantizedMoELayer, dict]:
+    """Quantize one MoE block expert by expert (clips learned from ``acts`` when given, by
+    ``learn_layer(layer, moe_input, routed_rows)``)."""
     mc = source.model_config
     names = mc.names
     prefix = names.layer_prefix(layer)
@@ -442,14 +482,14 @@ def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: in
         logits = torch.nn.functional.linear(acts.moe_input.to(torch.float32), router.to(torch.float32))
         _, ids = select_experts(logits, mc.routing, correction)
         routed_rows = [torch.nonzero((ids == e).any(dim=-1)).reshape(-1) for e in range(e_total)]
+        clips_of = learn_layer(layer, acts.moe_input, routed_rows)
 
     experts_report = []
     bar = tqdm(range(e_total), desc=f"layer {layer} experts", leave=False, disable=not progress)
     for e in bar:
         w = source.load_expert(layer, e)
         if routed_rows is not None:
-            clips: ExpertClips = learn_expert_clips(acts.moe_input[routed_rows[e]],
-                                                    ExpertWeights(w["gate"], w["up"], w["down"]), clip_settings)
+            clips: ExpertClips = clips_of(e, w)
             weight_clip, alpha[e] = clips.weight_clip, clips.alpha
             experts_report.append(clips.summary())
         else:

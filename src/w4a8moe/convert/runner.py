@@ -82,12 +82,15 @@ def causal_mask(seq_len: int, dtype: torch.dtype, window: int | None = None) -> 
 class LayerRunner:
     """Builds one transformers decoder layer at a time from the source and runs it."""
 
-    def __init__(self, source: SourceCheckpoint, dtype: torch.dtype, batch_size: int = 8):
+    def __init__(self, source: SourceCheckpoint, dtype: torch.dtype, batch_size: int = 8,
+                 device: torch.device | str = "cpu"):
         for var in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
             os.environ.setdefault(var, _ONEDNN_CACHE_CAPACITY)
         self.source = source
         self.dtype = dtype
         self.batch_size = batch_size
+        # Where the layer runs; hidden states and captured MoE I/O stay on the CPU.
+        self.device = torch.device(device)
         mc = source.model_config
         if mc.model_type not in _FAMILIES:
             raise ConversionError(f"no transformers decoder layer known for model_type {mc.model_type!r}")
@@ -163,26 +166,29 @@ class LayerRunner:
     def run(self, module: nn.Module, hidden: torch.Tensor, capture_moe: bool) -> tuple[torch.Tensor, LayerActivations]:
         """Run ``module`` on ``hidden`` ``[S, T, H]``; return its output and the MoE block's I/O."""
         seqs, seq_len, _ = hidden.shape
-        mask = causal_mask(seq_len, self.dtype, self.window)
-        position_ids = torch.arange(seq_len).unsqueeze(0)
+        dev = self.device
+        module.to(dev)
+        self.rotary.to(dev)
+        mask = causal_mask(seq_len, self.dtype, self.window).to(dev)
+        position_ids = torch.arange(seq_len, device=dev).unsqueeze(0)
         moe_in: list[torch.Tensor] = []
         moe_out: list[torch.Tensor] = []
         handle = None
         if capture_moe:
             def hook(_mod, inputs, output):
-                moe_in.append(inputs[0].reshape(-1, inputs[0].shape[-1]).clone())
+                moe_in.append(inputs[0].reshape(-1, inputs[0].shape[-1]).to("cpu", copy=True))
                 out = output[0] if isinstance(output, tuple) else output
-                moe_out.append(out.reshape(-1, out.shape[-1]).clone())
+                moe_out.append(out.reshape(-1, out.shape[-1]).to("cpu", copy=True))
 
             handle = module.mlp.register_forward_hook(hook)
         outputs = []
         try:
             for start in range(0, seqs, self.batch_size):
-                chunk = hidden[start : start + self.batch_size]
+                chunk = hidden[start : start + self.batch_size].to(dev)
                 cos_sin = self.rotary(chunk, position_ids)
                 out = module(chunk, attention_mask=mask, position_ids=position_ids.expand(chunk.shape[0], -1),
                              position_embeddings=cos_sin)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+                outputs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
         finally:
             if handle is not None:
                 handle.remove()

@@ -90,7 +90,8 @@ class ExpertBackend(Protocol):
         int8 ``[M, K]``, ``x_scale`` fp32 ``[M, 1]`` and the prepared weight."""
 
     def int_matmul(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
-        """exact int8 x int8 -> int32 `a_q @ b_q.T`"""
+        """Exact ``a_q @ b_q.T`` for int8 ``a_q`` ``[M, K]`` and ``b_q`` ``[N, K]``: int32 ``[M, N]``,
+        equal to :func:`w4a8moe.quant.int8_matmul_int32` (the clip search's products)."""
 
 
 def combine_rows(rows: torch.Tensor, token_ids: torch.Tensor, row_weights: torch.Tensor,
@@ -160,6 +161,29 @@ def get_backend(name: str | None = None, device: torch.device | str | None = Non
         if backend is not None:
             return backend
     raise RuntimeError(f"no expert backend available for {kind} tensors")
+
+
+def int_matmul_backend(device: torch.device | str | None = None):
+    """A backend whose :meth:`ExpertBackend.int_matmul` runs on ``device`` (default CPU).
+
+    CPU: :func:`get_backend` (the native kernel where it builds, else the reference). CUDA:
+    the registered ``"triton"`` backend where it exists and runs here, else
+    :class:`w4a8moe.kernels.cuda_int_mm.CudaIntMatmul` (``torch._int_mm``). Either way the
+    products are exact int32, so the clip search gives the same integers on every device.
+    """
+    kind = torch.device(device or "cpu").type
+    if kind == "cpu":
+        return get_backend()
+    if kind == "cuda":
+        _load_builtin()
+        triton = _FACTORIES.get("triton")
+        backend = triton() if triton is not None else None
+        if backend is not None and hasattr(backend, "int_matmul"):
+            return backend
+        from w4a8moe.kernels.cuda_int_mm import CudaIntMatmul
+
+        return CudaIntMatmul(torch.device(device))
+    raise ValueError(f"no exact integer matmul for device {device!r} (expected cpu or cuda)")
 
 
 def _load_builtin() -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, register_backend
-from w4a8moe.quant import dynamic_quant_per_token, scaled_int_matmul, swiglu_fp32
+from w4a8moe.quant import INT4_MAX, dynamic_quant_per_token, int8_matmul_int32, scaled_int_matmul, swiglu_fp32
 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
@@ -249,6 +249,10 @@ class KernelLibrary:
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_scaled_sq_err.restype = None
+        lib.w4a8_scaled_sq_err.argtypes = [_P, _I64, _I64, _P, _P, _P, _INT, _P, _INT]
+        lib.w4a8_quant_int4_layout.restype = _INT
+        lib.w4a8_quant_int4_layout.argtypes = [_P, _I64, _I64, _P, _INT, _P, _INT]
         lib.w4a8_swiglu_clip_quant.restype = _INT
         lib.w4a8_swiglu_clip_quant.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _P, _I64, _I64, _I64, _P, _P, _P,
                                                _INT]
@@ -423,6 +427,16 @@ class CpuInt8Linear:
     in_features: int
 
 
+@dataclass
+class CpuInt4Operand:
+    """An int4-valued ``[N, K]`` weight in the kernel's int4 layout (uint8 ``[layout_bytes]``),
+    made by :meth:`CpuBackend.quantize_int4_operand` for :meth:`CpuBackend.operand_int_matmul`."""
+
+    layout: torch.Tensor
+    out_features: int
+    in_features: int
+
+
 def _round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
@@ -554,6 +568,72 @@ class CpuBackend:
             # int32 could overflow: the reference path, which checks (and raises) exactly.
             return scaled_int_matmul(x_q, x_scale, prepared.weight, prepared.scale[0, :n])
         return self._gemm(prepared.layout, n, k, x_q, x_scale, prepared.scale, int8_weights=True)
+
+    def int_matmul(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+        """Exact int32 ``a_q [M, K] @ b_q[N, K]^T`` (int8 both): ``b_q`` re-laid once, one GEMM."""
+        if a_q.dtype != torch.int8 or b_q.dtype != torch.int8 or a_q.dim() != 2 or b_q.dim() != 2 \
+                or a_q.shape[1] != b_q.shape[1]:
+            raise ValueError(f"int_matmul expects int8 a_q [M, K] and b_q [N, K], got {a_q.dtype} "
+                             f"{list(a_q.shape)} and {b_q.dtype} {list(b_q.shape)}")
+        (m, k), n = a_q.shape, b_q.shape[0]
+        if k * 128 * 128 >= 2**31:  # int32 could overflow: the float64 path checks and raises
+            return int8_matmul_int32(a_q, b_q)
+        if m == 0 or n == 0 or k == 0:
+            return torch.zeros((m, n), dtype=torch.int32)
+        b_q = b_q.contiguous()
+        layout = torch.empty(self.kernel.lib.w4a8_int8_layout_bytes(n, k), dtype=torch.uint8)
+        self.kernel.lib.w4a8_relayout_int8(_ptr(b_q), n, k, _ptr(layout), self.num_threads)
+        return self._gemm(layout, n, k, a_q, None, None, int8_weights=True)
+
+    def quantize_int4_operand(self, weight: torch.Tensor, scale: torch.Tensor) -> CpuInt4Operand:
+        """The int4 values :func:`w4a8moe.quant.quantize_with_scale` gives fp32 ``weight``
+        ``[N, K]`` under ``scale`` ``[N]``, quantized and laid out for the GEMM in one pass.
+
+        For the clip search, which quantizes one weight under many scale vectors: it never
+        materializes the int8 values, and :meth:`operand_int_matmul` multiplies the result.
+        """
+        if weight.dtype != torch.float32 or weight.dim() != 2:
+            raise ValueError(f"expected an fp32 [N, K] weight, got {weight.dtype} {list(weight.shape)}")
+        n, k = weight.shape
+        if scale.numel() != n:
+            raise ValueError(f"expected {n} scales, got {scale.numel()}")
+        weight = weight.contiguous()
+        s = scale.reshape(n).to(torch.float32).contiguous()
+        layout = torch.empty(self.kernel.lib.w4a8_layout_bytes(n, k), dtype=torch.uint8)
+        if layout.numel():
+            self.kernel.check(self.kernel.lib.w4a8_quant_int4_layout(_ptr(weight), n, k, _ptr(s), INT4_MAX,
+                                                                    _ptr(layout), self.num_threads))
+        return CpuInt4Operand(layout, n, k)
+
+    def operand_int_matmul(self, a_q: torch.Tensor, operand: CpuInt4Operand) -> torch.Tensor:
+        """Exact int32 ``a_q [M, K] @ q^T`` for the int4 values ``q`` of an operand."""
+        n, k = operand.out_features, operand.in_features
+        if a_q.shape[0] == 0 or n == 0 or k == 0:
+            if a_q.dim() != 2 or a_q.shape[1] != k:
+                raise ValueError(f"a_q must be int8 [M, {k}], got {a_q.dtype} {list(a_q.shape)}")
+            return torch.zeros((a_q.shape[0], n), dtype=torch.int32)
+        return self._gemm(operand.layout, n, k, a_q, None, None, int8_weights=False)
+
+    def scaled_squared_error(self, acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                             reference: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """float64 ``[M, N]``: ``(scale_int32(acc, x_scale, w_scale, out_dtype).double() -
+        reference) ** 2`` element for element (the bits of those torch steps), in one pass.
+
+        ``acc`` int32 ``[M, N]``, ``reference`` float64 ``[M, N]``; ``out_dtype`` fp32 or bf16.
+        """
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+        m, n = acc.shape
+        if acc.dtype != torch.int32 or reference.dtype != torch.float64 or tuple(reference.shape) != (m, n):
+            raise ValueError(f"expected int32 acc and float64 reference of one shape, got {acc.dtype} "
+                             f"{list(acc.shape)} and {reference.dtype} {list(reference.shape)}")
+        acc, ref = acc.contiguous(), reference.contiguous()
+        xs = x_scale.reshape(m).to(torch.float32).contiguous()
+        ws = w_scale.reshape(n).to(torch.float32).contiguous()
+        out = torch.empty((m, n), dtype=torch.float64)
+        self.kernel.lib.w4a8_scaled_sq_err(_ptr(acc), m, n, _ptr(xs), _ptr(ws), _ptr(ref),
+                                           int(out_dtype == torch.bfloat16), _ptr(out), self.num_threads)
+        return out
 
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: float = 1.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,7 +8,13 @@ from __future__ import annotations
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, combine_rows, register_backend
-from w4a8moe.quant import dynamic_quant_per_token, scaled_int_matmul, swiglu_clip_quant, unpack_int4_pairs
+from w4a8moe.quant import (
+    dynamic_quant_per_token,
+    int8_matmul_int32,
+    scaled_int_matmul,
+    swiglu_clip_quant,
+    unpack_int4_pairs,
+)
 
 
 class ReferenceBackend:
@@ -65,6 +71,10 @@ class ReferenceBackend:
     def int8_linear(self, prepared: tuple[torch.Tensor, torch.Tensor], x_q: torch.Tensor,
                     x_scale: torch.Tensor) -> torch.Tensor:
         return scaled_int_matmul(x_q, x_scale, *prepared)
+
+    def int_matmul(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+        """The float64 products of :func:`w4a8moe.quant.int8_matmul_int32` (exact, slow)."""
+        return int8_matmul_int32(a_q, b_q)
 
 
 register_backend("reference", ReferenceBackend, priority=100, devices=("cpu", "cuda"))

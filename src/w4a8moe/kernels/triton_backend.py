@@ -38,7 +38,7 @@ import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, register_backend
 from w4a8moe.quant import dynamic_quant_per_token
-from w4a8moe.quant.matmul import apply_int32_scales
+from w4a8moe.quant.matmul import scale_int32
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 INT32_SAFE_K = 65536
@@ -383,7 +383,7 @@ class TritonBackend:
         """bf16 ``(float(x_q @ W^T) * x_scale) * w_scale``: the bits of
         :func:`w4a8moe.quant.scaled_int_matmul`."""
         acc = self._int_matmul(x_q, prepared.weight, prepared.padded)
-        return apply_int32_scales(acc, x_scale, prepared.scale)
+        return scale_int32(acc, x_scale, prepared.scale)
 
     def int_matmul(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
         """exact int8 x int8 -> int32 `a_q @ b_q.T`"""

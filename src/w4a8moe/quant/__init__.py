@@ -11,6 +11,8 @@ from w4a8moe.quant.weights import (
     KERNEL_BIAS_CHUNKS,
     dequantize_per_channel,
     kernel_bias,
+    per_channel_scale,
+    quantize_with_scale,
     kernel_bias_chunks,
     quantize_int4_per_channel,
     quantize_int8_per_channel,
@@ -21,7 +23,7 @@ from w4a8moe.quant.activations import (
     swiglu_clip_quant,
     swiglu_fp32,
 )
-from w4a8moe.quant.matmul import int8_matmul_int32, scaled_int_matmul, w8a8_linear
+from w4a8moe.quant.matmul import int8_matmul_int32, scale_int32, scaled_int_matmul, w8a8_linear
 
 __all__ = [
     "INT4_MAX",
@@ -35,12 +37,15 @@ __all__ = [
     "quantize_int4_per_channel",
     "quantize_int8_per_channel",
     "dequantize_per_channel",
+    "per_channel_scale",
+    "quantize_with_scale",
     "kernel_bias",
     "kernel_bias_chunks",
     "dynamic_quant_per_token",
     "swiglu_fp32",
     "swiglu_clip_quant",
     "int8_matmul_int32",
+    "scale_int32",
     "scaled_int_matmul",
     "w8a8_linear",
 ]

@@ -19,18 +19,31 @@ def _per_channel_symmetric(
     w = weight.to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight contains NaN or Inf")
-    amax = w.abs().amax(dim=-1)  # [..., N]
+    scale = per_channel_scale(w.abs().amax(dim=-1), qmax, clip)
+    return quantize_with_scale(w, scale, qmax), scale
+
+
+def per_channel_scale(amax: torch.Tensor, qmax: int, clip: torch.Tensor | float | None = None) -> torch.Tensor:
+    """``s_n = clip_n * amax_n / qmax`` in fp32 (``amax`` ``[..., N]`` the channels' max ``|W|``).
+
+    The scale half of the per-channel quantizers, for callers that quantize one weight under
+    many clips (the clip search) and compute ``amax`` once.
+    """
     if clip is not None:
-        clip_t = torch.as_tensor(clip, dtype=torch.float32)
+        clip_t = torch.as_tensor(clip, dtype=torch.float32, device=amax.device)
         if bool(((clip_t <= 0) | (clip_t > 1)).any()):
             raise ValueError("weight clip factors must lie in (0, 1]")
         amax = amax * clip_t
     scale = amax / qmax
     # An all-zero channel gets scale 1 so that its scale stays positive and finite;
     # its quantized values are 0 either way.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
-    return q, scale
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``clamp(round_half_even(w / s_n), -qmax, qmax)`` as int8: the element half of the
+    per-channel quantizers (``w`` fp32 ``[..., N, K]``, ``scale`` ``[..., N]``)."""
+    return torch.clamp(torch.round(w / scale.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
 
 
 def quantize_int4_per_channel(

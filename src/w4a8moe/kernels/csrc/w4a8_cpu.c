@@ -1113,3 +1113,128 @@ int64_t w4a8_probe_int8_dot(int64_t chunks, int64_t iters, int nthreads) {
     return 0;
 #endif
 }
+
+/* ---- the clip search's weight operand: fp32 weight -> int4 values -> the int4 layout ---- */
+
+/* For the calibration's clip search, which quantizes the same fp32 weight under many scale
+ * vectors: q = clamp(round_half_even(w / s_n), -qmax, qmax) per element, exactly as
+ * torch.clamp(torch.round(w / s), -qmax, qmax) computes it (an IEEE fp32 division, then
+ * round half to even), written straight into the int4 layout of w4a8_relayout (qmax <= 7),
+ * so that w4a8_gemm(int8w = 0) multiplies it without a separate int8 copy or re-layout. */
+typedef struct {
+    const float *w;     /* [n, k] row-major fp32 */
+    const float *scale; /* [n], positive */
+    int64_t n, k, kq;
+    float qmax;
+    uint8_t *out;
+    uint8_t *rows;      /* NBLOCK * 4 * kq bytes per participant */
+} quant_int4_args;
+
+/* Row c of w quantized and biased by 8 (0..15), zero-padded (8) to 4 * kq columns. */
+static void quant_int4_row(const quant_int4_args *a, int64_t c, uint8_t *dst) {
+    const int64_t kp = 4 * a->kq;
+    if (c >= a->n) {
+        memset(dst, 8, (size_t)kp);
+        return;
+    }
+    const float *src = a->w + c * a->k;
+    const float s = a->scale[c], lo = -a->qmax, hi = a->qmax;
+    int64_t j = 0;
+#if W4A8_ISA >= 1
+    const __m256 vs = _mm256_set1_ps(s), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    const __m256 bias = _mm256_set1_ps(8.0f);
+    for (; j + 8 <= a->k; j += 8) {
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + j), vs);
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), bias);
+        const __m256i i32 = _mm256_cvtps_epi32(v); /* 1..15: exact */
+        const __m128i i16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(dst + j), _mm_packus_epi16(i16, i16));
+    }
+#endif
+    for (; j < a->k; j++) {
+        float v = nearbyintf(src[j] / s);
+        v = v < lo ? lo : (v > hi ? hi : v);
+        dst[j] = (uint8_t)(int)(v + 8.0f);
+    }
+    for (; j < kp; j++) dst[j] = 8;
+}
+
+static void quant_int4_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase;
+    const quant_int4_args *a = (const quant_int4_args *)job->args;
+    const int64_t kp = 4 * a->kq;
+    uint8_t *rows = a->rows + (int64_t)participant * NBLOCK * kp;
+    for (int64_t b = begin; b < end; b++) {
+        for (int r = 0; r < NBLOCK; r++) quant_int4_row(a, b * NBLOCK + r, rows + r * kp);
+        uint8_t *dst = a->out + b * a->kq * LINE;
+        for (int64_t q = 0; q < a->kq; q++) {
+            for (int lane = 0; lane < 16; lane++) {
+                uint32_t lo, hi; /* four biased nibbles (one per byte) of channels lane, 16 + lane */
+                memcpy(&lo, rows + lane * kp + 4 * q, 4);
+                memcpy(&hi, rows + (16 + lane) * kp + 4 * q, 4);
+                const uint32_t packed = lo | (hi << 4); /* bytes <= 15: no carry between bytes */
+                memcpy(dst + q * LINE + 4 * lane, &packed, 4);
+            }
+        }
+    }
+}
+
+/* Quantize fp32 w [n, k] per channel under scale [n] (qmax <= 7) into out
+ * (w4a8_layout_bytes(n, k) bytes). */
+int w4a8_quant_int4_layout(const float *w, int64_t n, int64_t k, const float *scale, int qmax, uint8_t *out,
+                           int nthreads) {
+    nthreads = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    const int64_t kq = round_up(k, 4) / 4;
+    uint8_t *rows = (uint8_t *)malloc((size_t)(nthreads * NBLOCK * 4 * kq) + 1);
+    if (!rows) return W4A8_ERR_NO_MEMORY;
+    quant_int4_args args = {w, scale, n, k, kq, (float)qmax, out, rows};
+    pool_job job = {.nphases = 1, .run = quant_int4_blocks, .args = &args};
+    job.total[0] = round_up(n, NBLOCK) / NBLOCK;
+    job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
+    pool_submit(&job, nthreads);
+    free(rows);
+    return W4A8_OK;
+}
+
+/* ---- the clip search's errors: scaled int32 products against a float64 reference ---- */
+
+/* out[m, n] = d * d with d = (double)y - ref[m, n] and y = (float(acc[m, n]) * xs[m]) * ws[n]
+ * in fp32 (rounded to bf16 first when round_bf16): torch's
+ * ((scale_int32(acc, xs, ws, dtype).double() - ref) ** 2) element for element, in one pass
+ * instead of six; the caller sums it with torch, in torch's order. */
+typedef struct {
+    const int32_t *acc;
+    const float *xs, *ws;
+    const double *ref;
+    int64_t n;
+    int round_bf16;
+    double *out;
+} sq_err_args;
+
+static void sq_err_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const sq_err_args *a = (const sq_err_args *)job->args;
+    for (int64_t r = begin; r < end; r++) {
+        const float xs = a->xs[r];
+        const int32_t *acc = a->acc + r * a->n;
+        const double *ref = a->ref + r * a->n;
+        double *out = a->out + r * a->n;
+        for (int64_t c = 0; c < a->n; c++) {
+            float y = (float)acc[c] * xs;
+            y = y * a->ws[c];
+            if (a->round_bf16) y = bf16_to_f32(f32_to_bf16(y));
+            const double d = (double)y - ref[c];
+            out[c] = d * d;
+        }
+    }
+}
+
+void w4a8_scaled_sq_err(const int32_t *acc, int64_t m, int64_t n, const float *xs, const float *ws,
+                        const double *ref, int round_bf16, double *out, int nthreads) {
+    sq_err_args args = {acc, xs, ws, ref, n, round_bf16, out};
+    pool_job job = {.nphases = 1, .run = sq_err_rows, .args = &args};
+    job.total[0] = m;
+    job.chunk[0] = chunk_for(m, nthreads, 4);
+    if (m > 0 && n > 0) pool_submit(&job, (m * n < (1 << 15)) ? 1 : nthreads);
+}

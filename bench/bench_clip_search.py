@@ -1,0 +1,174 @@
+"""Benchmark: one expert's clip search, float64 products (the old path) against the kernel's.
+
+Run ``python bench/bench_clip_search.py`` (``--quick`` for a short run at a quarter of the
+shapes). One expert with DeepSeek-V3's expert shapes (H=7168, I=2048) and 256 routed tokens
+(what an expert sees with the converter's default calibration on the real model) goes
+through :func:`w4a8moe.calibrate.learn_expert_clips` in the same process with
+
+* ``reference``: the reference backend, whose ``int_matmul`` is the float64 matmul the clip
+  search used before it ran on the kernel backends (the baseline; its loop is today's, so
+  the ratio slightly understates the gain over the old code);
+* ``cpu``: the native kernel (int8 GEMM; the per-grid int4 weight quantized straight into
+  its layout), at every thread count given by ``--threads`` (default: 1 and all).
+
+The cpu run at the reference's thread count must give identical clips, alpha and errors (the
+bench fails otherwise); at other thread counts it says whether they match (torch's fp32
+matmuls, which the search uses for its float reference, round differently with another
+thread count). The table
+splits each run's time into the integer products, the weight quantization for them, the
+straight-through refinement of alpha (fp32 matmuls, whose bits define the learned result and
+so stay as they are) and the rest (the float reference, errors, SwiGLU). The expert has a few
+gate/up channels with large outputs that the down projection barely uses, so the activation
+clip moves off 1 and the refinement really runs (an expert whose best alpha stays 1 costs
+less). ``--no-refine`` times the search with ``refine_steps = 0`` as well. The last lines
+extrapolate to DeepSeek-V3 (256 experts x 58 MoE layers), clip search only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from w4a8moe.calibrate import ClipSearchSettings, ExpertWeights, clips as clips_module, learn_expert_clips
+from w4a8moe.calibrate.products import IntProducts
+from w4a8moe.kernels import get_backend
+
+HIDDEN, INTER, TOKENS = 7168, 2048, 256
+DEEPSEEK_EXPERTS, DEEPSEEK_MOE_LAYERS = 256, 58
+
+
+def make_expert(hidden: int, inter: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, ExpertWeights]:
+    """Random fp32 expert weights and bf16 routed rows, with a few outlier channels in h."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(inter, hidden, generator=g) / hidden**0.5
+    up = torch.randn(inter, hidden, generator=g) / hidden**0.5
+    down = torch.randn(hidden, inter, generator=g) / inter**0.5
+    outliers = torch.arange(0, inter, max(1, inter // 8))[:8]
+    gate[outliers] *= 12.0
+    up[outliers] *= 12.0
+    down[:, outliers] *= 1e-3
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+    return x, ExpertWeights(gate, up, down)
+
+
+class TimedProducts(IntProducts):
+    """:class:`IntProducts` that adds up the seconds of its products and quantizations."""
+
+    def __init__(self, backend: object):
+        super().__init__(backend)
+        self.product_s = 0.0
+        self.quantize_s = 0.0
+
+    def weight_operand(self, weight, scale):
+        t = time.perf_counter()
+        out = super().weight_operand(weight, scale)
+        self.quantize_s += time.perf_counter() - t
+        return out
+
+    def int32(self, a_q, operand):
+        t = time.perf_counter()
+        out = super().int32(a_q, operand)
+        self.product_s += time.perf_counter() - t
+        return out
+
+
+def timed_search(x: torch.Tensor, w: ExpertWeights, backend: object, settings: ClipSearchSettings
+                 ) -> tuple[object, dict[str, float]]:
+    """One :func:`learn_expert_clips` call with its time split (see the module docstring)."""
+    products = TimedProducts(backend)
+    refine = clips_module.refine_alpha_ste
+    spent = {"refine": 0.0}
+
+    def timed_refine(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return refine(*args, **kwargs)
+        finally:
+            spent["refine"] += time.perf_counter() - t
+
+    clips_module.refine_alpha_ste = timed_refine
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            result = learn_expert_clips(x, w, settings, products=products)
+        total = time.perf_counter() - t0
+    finally:
+        clips_module.refine_alpha_ste = refine
+    times = {"total": total, "products": products.product_s, "quantize": products.quantize_s,
+             "refine": spent["refine"]}
+    times["other"] = total - times["products"] - times["quantize"] - times["refine"]
+    return result, times
+
+
+def same_result(a, b) -> bool:
+    """Identical clips, alpha, errors and notes."""
+    fields = ("alpha", "status", "err_rtn", "err_learned", "heldout_err_rtn", "heldout_err_learned",
+              "alpha_grid_best", "notes")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and all(
+        torch.equal(a.weight_clip[p], b.weight_clip[p]) for p in a.weight_clip)
+
+
+def same_clips(a, b) -> bool:
+    """Identical weight clips and alpha."""
+    return a.alpha == b.alpha and all(torch.equal(a.weight_clip[p], b.weight_clip[p]) for p in a.weight_clip)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of H and I, 128 tokens")
+    parser.add_argument("--threads", default=None, help="comma-separated thread counts for the cpu runs")
+    parser.add_argument("--no-refine", action="store_true", help="also time the search with refine_steps = 0")
+    args = parser.parse_args()
+    hidden, inter, tokens = (HIDDEN // 4, INTER // 4, TOKENS // 2) if args.quick else (HIDDEN, INTER, TOKENS)
+    all_threads = torch.get_num_threads()
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, all_threads})
+    print(f"clip search of one expert: H={hidden} I={inter}, {tokens} tokens; torch {torch.__version__}, "
+          f"{all_threads} threads; load average before {os.getloadavg()}")
+    x, w = make_expert(hidden, inter, tokens)
+    cpu = get_backend("cpu")
+    reference = get_backend("reference")
+    settings_list = [("refine 40", ClipSearchSettings())]
+    if args.no_refine:
+        settings_list.append(("refine 0", ClipSearchSettings(refine_steps=0)))
+    header = (f"{'settings':<10} {'backend':<10} {'thr':>3} {'total s':>9} {'products':>14} {'quantize':>14} "
+              f"{'refine':>14} {'other':>14} {'speed-up':>9}")
+    print(header)
+    print("-" * len(header))
+    fastest: dict[str, float] = {}
+    for label, settings in settings_list:
+        torch.set_num_threads(all_threads)
+        base, base_t = timed_search(x, w, reference, settings)
+        rows = [("reference", all_threads, base_t)]
+        for n in threads:
+            torch.set_num_threads(n)
+            result, t = timed_search(x, w, cpu, settings)
+            if n == all_threads and not same_result(base, result):
+                raise SystemExit(f"cpu backend ({n} threads) learned different clips than the reference")
+            rows.append(("cpu", n, t))
+            if n != all_threads:
+                # torch's fp32 matmuls (the float reference, the refinement) round differently
+                # with another thread count; the integer products cannot.
+                print(f"  ({n} thread(s): clips {'identical' if same_clips(base, result) else 'DIFFERENT'}, "
+                      f"errors {'identical' if same_result(base, result) else 'differ in the last bits'} "
+                      f"against {all_threads} threads)")
+        torch.set_num_threads(all_threads)
+        for name, n, t in rows:
+            parts = " ".join(f"{t[k]:8.2f} ({t[k] / t['total']:3.0%})" for k in ("products", "quantize", "refine",
+                                                                                 "other"))
+            print(f"{label:<10} {name:<10} {n:>3} {t['total']:9.2f} {parts} {base_t['total'] / t['total']:8.1f}x")
+        fastest[label] = min(t["total"] for name, _, t in rows if name == "cpu")
+        print(f"{label:<10} alpha {base.alpha} (grid best {base.alpha_grid_best}), status {base.status}: "
+              f"identical on both backends at {all_threads} threads")
+    print(f"load average after {os.getloadavg()}")
+    if not args.quick:
+        n = DEEPSEEK_EXPERTS * DEEPSEEK_MOE_LAYERS
+        for label, seconds in fastest.items():
+            print(f"DeepSeek-V3 clip search ({label}): {seconds:.2f} s/expert x {DEEPSEEK_EXPERTS} experts x "
+                  f"{DEEPSEEK_MOE_LAYERS} MoE layers = {seconds * n / 3600:.1f} h on this machine")
+
+
+if __name__ == "__main__":
+    main()
