@@ -142,6 +142,7 @@ def main() -> None:
         torch.set_num_threads(all_threads)
         base, base_t = timed_search(x, w, reference, settings)
         rows = [("reference", all_threads, base_t)]
+        notes: list[str] = []
         for n in threads:
             torch.set_num_threads(n)
             result, t = timed_search(x, w, cpu, settings)
@@ -151,7 +152,7 @@ def main() -> None:
             if n != all_threads:
                 # torch's fp32 matmuls (the float reference, the refinement) round differently
                 # with another thread count; the integer products cannot.
-                print(f"  ({n} thread(s): clips {'identical' if same_clips(base, result) else 'DIFFERENT'}, "
+                notes.append(f"  ({n} thread(s): clips {'identical' if same_clips(base, result) else 'DIFFERENT'}, "
                       f"errors {'identical' if same_result(base, result) else 'differ in the last bits'} "
                       f"against {all_threads} threads)")
         torch.set_num_threads(all_threads)
@@ -159,6 +160,8 @@ def main() -> None:
             parts = " ".join(f"{t[k]:8.2f} ({t[k] / t['total']:3.0%})" for k in ("products", "quantize", "refine",
                                                                                  "other"))
             print(f"{label:<10} {name:<10} {n:>3} {t['total']:9.2f} {parts} {base_t['total'] / t['total']:8.1f}x")
+        for note in notes:
+            print(note)
         fastest[label] = min(t["total"] for name, _, t in rows if name == "cpu")
         print(f"{label:<10} alpha {base.alpha} (grid best {base.alpha_grid_best}), status {base.status}: "
               f"identical on both backends at {all_threads} threads")
