@@ -207,15 +207,16 @@ class TritonBackend:
 
     def _grouped_gemm(self, a: torch.Tensor, a_scale: torch.Tensor | None, a_rows: torch.Tensor | None,
                       w: torch.Tensor, w_scale: torch.Tensor | None, expert_offsets: torch.Tensor, rows: int,
-                      n: int, int4: bool, config: GemmConfig) -> torch.Tensor:
+                      n: int, int4: bool, config: GemmConfig, schedule: tuple | None = None) -> torch.Tensor:
         """Rows ``[offsets[e], offsets[e+1])`` of the output times expert ``e``'s weight: bf16
-        scaled, or int32 raw when ``w_scale`` is None."""
+        scaled, or int32 raw when ``w_scale`` is None. ``schedule``: :meth:`_schedule`'s
+        result for these offsets, rows and ``config.block_m``, where the caller has it."""
         raw = w_scale is None
         out = torch.empty((rows, n), dtype=torch.int32 if raw else torch.bfloat16, device=a.device)
         if rows == 0 or n == 0:
             return out
         k = a.shape[1]
-        tile_expert, tile_row, expert_end, num_tiles = self._schedule(expert_offsets, rows, config.block_m)
+        tile_expert, tile_row, expert_end, num_tiles = schedule or self._schedule(expert_offsets, rows, config.block_m)
         channels_per_tile = 2 * config.block_p
         grid = (num_tiles, triton_cdiv(n, channels_per_tile))
         dummy = out  # never read when the matching flag is off
@@ -290,11 +291,12 @@ class TritonBackend:
         xs = x_scale.reshape(-1).contiguous()
         ids = token_ids.to(torch.int64).contiguous()
         offsets = expert_offsets.to(torch.int64).contiguous()
+        schedule = self._schedule(offsets, rows, config.block_m)  # one tile map for both GEMMs
         gate_up = self._grouped_gemm(x_q, xs, ids, prepared.w13, prepared.w13_scale, offsets, rows, 2 * inter,
-                                     True, config)
+                                     True, config, schedule)
         h_q, h_scale = self.swiglu_clip_quant(gate_up, alpha.to(torch.float32).contiguous(), offsets)
         return self._grouped_gemm(h_q, h_scale, None, prepared.w2, prepared.w2_scale, offsets, rows, hidden,
-                                  True, config)
+                                  True, config, schedule)
 
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: torch.Tensor, expert_offsets: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
