@@ -307,6 +307,61 @@ def test_load_model_rejects_cuda_without_a_gpu(capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+# ---- compiled for a GPU, without one -----------------------------------------------------------
+
+_COMPILE_FOR_HOPPER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from w4a8moe.kernels import _triton_kernels as K
+from w4a8moe.kernels.triton_backend import default_gemm_config
+
+def ptx(fn, sig, consts, **opts):
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False, **opts)).asm["ptx"]
+
+gemm = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "a_row_ptr": "*i64", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
+        "out_ptr": "*bf16", "tile_expert_ptr": "*i32", "tile_row_ptr": "*i64", "expert_end_ptr": "*i64",
+        "N": "i32", "K": "i32", "stride_a": "i32"}
+for name in ("GATHER", "INT4", "RAW_INT32", "BLOCK_M", "BLOCK_P", "BLOCK_K"):
+    gemm[name] = "constexpr"
+for rows_per_expert in (1, 32, 64, 300):
+    c = default_gemm_config(rows_per_expert, 1)
+    for gather in (True, False):
+        ptx(K.grouped_gemm_kernel, gemm, dict(GATHER=gather, INT4=True, RAW_INT32=False, BLOCK_M=c.block_m,
+            BLOCK_P=c.block_p, BLOCK_K=c.block_k), num_warps=c.num_warps, num_stages=c.num_stages)
+raw = dict(gemm, out_ptr="*i32")
+ptx(K.grouped_gemm_kernel, raw, dict(GATHER=False, INT4=False, RAW_INT32=True, BLOCK_M=64, BLOCK_P=64, BLOCK_K=128),
+    num_warps=4, num_stages=3)
+q = ptx(K.quantize_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32",
+        "BLOCK": "constexpr"}, {"BLOCK": 2048}, num_warps=4)
+sw = ptx(K.swiglu_clip_quant_kernel, {"gu_ptr": "*bf16", "alpha_ptr": "*fp32", "row_expert_ptr": "*i64",
+         "silu_ptr": "*fp32", "hq_ptr": "*i8", "hscale_ptr": "*fp32", "I": "i32", "scalar_from": "i32",
+         "BLOCK": "constexpr"}, {"BLOCK": 1024}, num_warps=4)
+co = ptx(K.combine_kernel, {"rows_ptr": "*bf16", "weight_ptr": "*fp32", "token_rows_ptr": "*i64",
+         "token_start_ptr": "*i64", "out_ptr": "*fp32", "H": "i32", "BLOCK_H": "constexpr"}, {"BLOCK_H": 1024},
+         num_warps=4)
+assert "div.rn.f32" in q and "div.rn.f32" in sw, "IEEE division expected"
+assert "div.full" not in q + sw and "div.approx" not in q + sw, "approximate division found"
+assert "fma.rn.f32" not in co + sw + q, "an FMA would round the weighted sum differently"
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    # The interpreter accepts code the compiler may not: compile every kernel and tile
+    # configuration for sm_90 (Triton ships ptxas) and check the PTX for the rounding the
+    # bit-exactness depends on.
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 # ---- CUDA only --------------------------------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")

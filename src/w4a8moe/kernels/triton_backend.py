@@ -2,8 +2,8 @@
 
 Chosen automatically for CUDA tensors (where ``triton`` is installed). The same kernels run
 on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first
-imported, as ``tests/conftest.py`` does),
-which is how CI tests them; on CPU they are only used when named (``backend="triton"``).
+imported, as ``tests/conftest.py`` does), which is how CI tests them; on CPU they are only
+used when named (``backend="triton"``).
 
 The routed rows arrive sorted by expert (``expert_offsets``); a tile schedule built on the
 device, without a host synchronisation, maps each program to one ``BLOCK_M``-row tile of one
@@ -207,17 +207,18 @@ class TritonBackend:
 
     def _grouped_gemm(self, a: torch.Tensor, a_scale: torch.Tensor | None, a_rows: torch.Tensor | None,
                       w: torch.Tensor, w_scale: torch.Tensor | None, expert_offsets: torch.Tensor, rows: int,
-                      n: int, int4: bool, config: GemmConfig) -> torch.Tensor:
+                      n: int, int4: bool, config: GemmConfig, schedule: tuple | None = None) -> torch.Tensor:
         """Rows ``[offsets[e], offsets[e+1])`` of the output times expert ``e``'s weight: bf16
-        scaled, or int32 raw when ``w_scale`` is None."""
+        scaled, or int32 raw when ``w_scale`` is None. ``schedule``: :meth:`_schedule`'s
+        result for these offsets, rows and ``config.block_m``, where the caller has it."""
         raw = w_scale is None
         out = torch.empty((rows, n), dtype=torch.int32 if raw else torch.bfloat16, device=a.device)
         if rows == 0 or n == 0:
             return out
         k = a.shape[1]
-        tile_expert, tile_row, expert_end, num_tiles = self._schedule(expert_offsets, rows, config.block_m)
+        tile_expert, tile_row, expert_end, num_tiles = schedule or self._schedule(expert_offsets, rows, config.block_m)
         channels_per_tile = 2 * config.block_p
-        grid = (num_tiles, triton_cdiv(n, channels_per_tile))
+        grid = (num_tiles, _cdiv(n, channels_per_tile))
         dummy = out  # never read when the matching flag is off
         self._launch(
             _kernels().grouped_gemm_kernel, grid, a.device,
@@ -290,11 +291,12 @@ class TritonBackend:
         xs = x_scale.reshape(-1).contiguous()
         ids = token_ids.to(torch.int64).contiguous()
         offsets = expert_offsets.to(torch.int64).contiguous()
+        schedule = self._schedule(offsets, rows, config.block_m)  # one tile map for both GEMMs
         gate_up = self._grouped_gemm(x_q, xs, ids, prepared.w13, prepared.w13_scale, offsets, rows, 2 * inter,
-                                     True, config)
+                                     True, config, schedule)
         h_q, h_scale = self.swiglu_clip_quant(gate_up, alpha.to(torch.float32).contiguous(), offsets)
         return self._grouped_gemm(h_q, h_scale, None, prepared.w2, prepared.w2_scale, offsets, rows, hidden,
-                                  True, config)
+                                  True, config, schedule)
 
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: torch.Tensor, expert_offsets: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +317,7 @@ class TritonBackend:
         row_expert = row_expert.clamp(max=offsets.numel() - 2)
         table, vec_block = self._silu_table(device)
         scalar_from = inter - inter % vec_block if vec_block else inter
-        block = min(triton_next_power_of_2(max(inter, 1)), self.row_block)
+        block = min(_next_power_of_2(max(inter, 1)), self.row_block)
         self._launch(_kernels().swiglu_clip_quant_kernel, (rows,), device, gate_up, alpha.to(torch.float32),
                      row_expert, table, h_q, h_scale, inter, scalar_from, BLOCK=block, num_warps=4)
         return h_q, h_scale
@@ -344,8 +346,8 @@ class TritonBackend:
         ids = token_ids.to(torch.int64)
         token_rows = torch.argsort(ids, stable=True)  # each token's rows, in increasing r
         token_start = torch.searchsorted(ids[token_rows].contiguous(), torch.arange(tokens + 1, device=device))
-        block = min(triton_next_power_of_2(hidden), self.combine_block)
-        self._launch(_kernels().combine_kernel, (tokens, triton_cdiv(hidden, block)), device, rows,
+        block = min(_next_power_of_2(hidden), self.combine_block)
+        self._launch(_kernels().combine_kernel, (tokens, _cdiv(hidden, block)), device, rows,
                      row_weights.to(torch.float32).reshape(-1).contiguous(), token_rows, token_start, out, hidden,
                      BLOCK_H=block, num_warps=4)
         return out
@@ -362,7 +364,7 @@ class TritonBackend:
         m, k = x.shape
         x_q = torch.empty((m, k), dtype=torch.int8, device=x.device)
         scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        block = min(triton_next_power_of_2(k), 2048)
+        block = min(_next_power_of_2(k), 2048)
         self._launch(_kernels().quantize_rows_kernel, (m,), x.device, x, x_q, scale, k, BLOCK=block, num_warps=4)
         return x_q, scale
 
@@ -437,12 +439,14 @@ class TritonBackend:
                                   False, config)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
     return (a + b - 1) // b
 
 
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=1)
