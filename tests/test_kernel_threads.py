@@ -148,7 +148,8 @@ _PRELUDE = textwrap.dedent("""
 
 def _run(body: str, *args: str, timeout: int = 240) -> dict:
     proc = subprocess.run([sys.executable, "-c", _PRELUDE + textwrap.dedent(body), *args], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=""))
+                          text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")})
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-3000:]
