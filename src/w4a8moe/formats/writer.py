@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +10,7 @@ import torch
 from w4a8moe.formats import ascendv1, compressed_tensors
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS, MoEModelConfig
-from w4a8moe.formats.safetensors_io import ShardedSafetensorsWriter, atomic_write_json
+from w4a8moe.formats.safetensors_io import ShardedSafetensorsWriter, atomic_copy_file, atomic_write_json
 from w4a8moe.formats.schema import (
     ASCENDV1,
     COMPRESSED_TENSORS,
@@ -155,7 +154,7 @@ class CheckpointWriter:
             )
         atomic_write_json(self.path / "config.json", out_config)
         for src in copy_files or []:
-            shutil.copy2(src, self.path / Path(src).name)
+            atomic_copy_file(src, self.path / Path(src).name)
         return self.path
 
 
