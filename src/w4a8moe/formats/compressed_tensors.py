@@ -7,11 +7,12 @@ unknown keys, so the clip flag is taken out before validation and put back on wr
 from __future__ import annotations
 
 import copy
-
-from compressed_tensors.quantization import QuantizationConfig
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
 
 from w4a8moe.errors import CheckpointError
+
+if TYPE_CHECKING:  # imported where used: compressed-tensors imports transformers (seconds)
+    from compressed_tensors.quantization import QuantizationConfig
 
 CLIP_KEY = "activation_use_clip"
 MOE_TARGET = "MoEGMM"
@@ -62,6 +63,9 @@ def parse_quantization_config(qc: dict) -> tuple[QuantizationConfig, bool, str]:
             if name == moe_group:
                 clip = value
     stripped["quant_method"] = "compressed-tensors"
+    from compressed_tensors.quantization import QuantizationConfig
+    from pydantic import ValidationError
+
     try:
         scheme = QuantizationConfig.model_validate(stripped)
     except ValidationError as exc:
@@ -86,6 +90,8 @@ def build_quantization_config(activation_use_clip: bool, ignore: list[str]) -> d
         "ignore": sorted(ignore),
     }
     # Validate what we write with the same package that will read it.
+    from compressed_tensors.quantization import QuantizationConfig
+
     QuantizationConfig.model_validate(qc)
     qc["config_groups"][FALLBACK_GROUP][CLIP_KEY] = bool(activation_use_clip)
     return qc
