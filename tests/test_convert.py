@@ -304,6 +304,9 @@ def test_injected_failure_then_resume_is_byte_identical(sources, tmp_path):
     assert _dir_bytes(dst) == _dir_bytes(reference)
     with pytest.raises(ConversionError, match="holds files but no"):
         convert(sources["fp8"], dst, resume=True, **{**kwargs, "max_shard_bytes": 40_000})
+    (dst / "model-00002.safetensors").unlink()
+    with pytest.raises(ConversionError, match="finished, but its files are damaged.*model-00002"):
+        convert(sources["fp8"], dst, resume=True, **kwargs)
 
 
 # ------------------------------------------------------------------------- policy / families / CLI

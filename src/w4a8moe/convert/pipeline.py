@@ -27,8 +27,8 @@ from w4a8moe.convert.progress import ProgressManifest
 from w4a8moe.convert.runner import LayerRunner
 from w4a8moe.convert.source import SourceCheckpoint
 from w4a8moe.data import ByteTokenizer, load_text, load_user_text, token_batches
-from w4a8moe.errors import ConversionError
-from w4a8moe.formats import ascendv1, compressed_tensors
+from w4a8moe.errors import CheckpointError, ConversionError
+from w4a8moe.formats import ascendv1, compressed_tensors, open_checkpoint
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
 from w4a8moe.formats.safetensors_io import atomic_write_json
@@ -349,6 +349,11 @@ def _finished_report(dst: Path, manifest: ProgressManifest, settings_hash: str, 
         return None
     if not isinstance(report, dict) or report.get("settings_hash") != settings_hash:
         return None
+    try:
+        open_checkpoint(dst, validate="structure")
+    except CheckpointError as exc:
+        raise ConversionError(f"{dst}: holds this conversion, finished, but its files are damaged ({exc}); "
+                              "convert again into an empty folder") from exc
     seconds, source_bytes = time.perf_counter() - t_start, source.file_bytes()
     report["timing"] = {"seconds": seconds, "source_bytes": source_bytes, "source_mb_per_s": source_bytes / 1e6 / seconds,
                         "resumed_from_unit": "finished"}
