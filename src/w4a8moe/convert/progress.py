@@ -3,9 +3,9 @@
 The manifest (``.w4a8moe-progress/manifest.json`` in the output folder) is written, with the
 settings hash and nothing done, before anything else goes into the folder, so a folder a
 conversion has touched is recognisable as an interrupted conversion from its first write.
-After every output shard is renamed into place, the manifest (``.w4a8moe-progress/manifest.json``
-in the output folder) is rewritten atomically with: the settings hash, the shards' weight map
-and byte total, each written tensor's AscendV1 type and compressed-tensors ``ignore`` entries,
+After every output shard is renamed into place, the manifest is rewritten atomically with:
+the settings hash, the shards' weight map and byte total, each written tensor's AscendV1
+type and compressed-tensors ``ignore`` entries,
 the index of the unit of work (a decoder layer, or the non-layer tensors) being emitted when
 the shard was cut, the report entries of the units before it, and, when calibrating, the
 hidden states entering that unit (a safetensors file beside the manifest). A resumed run keeps
