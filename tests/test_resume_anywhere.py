@@ -15,7 +15,7 @@ import json
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import pytest
@@ -81,6 +81,39 @@ def _run(ctx, src: Path, dst: Path, kwargs: dict, kill_at: int | None = None, lo
     return proc.exitcode
 
 
+def _kill_then_resume_each(ctx, src: Path, root: Path, kwargs: dict, ks: list[int]) -> dict[int, list[int]]:
+    """For each k, into ``root/killed-k``: a run killed at step k, then a resume; ``k -> [exit codes]``.
+
+    ``WORKERS`` chains run at once, all started and joined from this thread: multiprocessing's
+    process objects are not safe to start and join from several threads (a start polls every
+    live child, racing a join in another thread for the exit status).
+    """
+    pending, active, codes = list(ks), {}, {}
+
+    def start(k: int, kw: dict, kill_at: int | None) -> None:
+        proc = ctx.Process(target=_convert_child, args=(str(src), str(root / f"killed-{k}"), kw, kill_at, None))
+        proc.start()
+        active[proc.sentinel] = (proc, k)
+
+    while pending or active:
+        while pending and len(active) < WORKERS:
+            k = pending.pop(0)
+            start(k, kwargs, k)
+        ready = wait(list(active), timeout=120)
+        if not ready:
+            for proc, _ in active.values():
+                proc.kill()
+                proc.join()
+            pytest.fail(f"conversions {sorted(k for _, k in active.values())} hung")
+        for sentinel in ready:
+            proc, k = active.pop(sentinel)
+            proc.join()
+            codes.setdefault(k, []).append(proc.exitcode)
+            if len(codes[k]) == 1 and proc.exitcode == KILLED:
+                start(k, {**kwargs, "resume": True}, None)
+    return codes
+
+
 def _dir_bytes(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -106,23 +139,19 @@ def test_killed_at_every_write_step_then_resume_is_byte_identical(forkserver, so
     assert (len(shards) == 1) == (kwargs["max_shard_bytes"] > 1 << 20), shards
     assert steps[0] == ["mkdir", PROGRESS_DIR] and steps[-1] == ["rmdir", PROGRESS_DIR]
 
-    def kill_then_resume(k: int) -> str | None:
-        dst = tmp_path / f"killed-{k}"
-        state = f"killed at step {k} {steps[k - 1]}"
-        if (code := _run(forkserver, source, dst, kwargs, kill_at=k)) != KILLED:
-            return f"{state}: the killed run exited {code}"
-        if (code := _run(forkserver, source, dst, {**kwargs, "resume": True})) != 0:
-            return f"{state}: resume exited {code}"
-        got = _dir_bytes(dst)
-        if got != expected:
+    failures = []
+    codes = _kill_then_resume_each(forkserver, source, tmp_path, kwargs, list(range(1, len(steps) + 1)))
+    for k, (killed, *resumed) in sorted(codes.items()):
+        dst, state = tmp_path / f"killed-{k}", f"killed at step {k} {steps[k - 1]}"
+        if killed != KILLED:
+            failures.append(f"{state}: the killed run exited {killed}")
+        elif resumed != [0]:
+            failures.append(f"{state}: resume exited {resumed}")
+        elif (got := _dir_bytes(dst)) != expected:
             diff = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
-            return f"{state}: output differs ({diff[:3]})"
-        if list(dst.rglob(".*.tmp")) or (dst / PROGRESS_DIR).exists():
-            return f"{state}: left a temp file or the progress record"
-        return None
-
-    with ThreadPoolExecutor(WORKERS) as pool:  # each job is two single-threaded child processes
-        failures = [f for f in pool.map(kill_then_resume, range(1, len(steps) + 1)) if f]
+            failures.append(f"{state}: output differs ({diff[:3]})")
+        elif list(dst.rglob(".*.tmp")) or (dst / PROGRESS_DIR).exists():
+            failures.append(f"{state}: left a temp file or the progress record")
     assert not failures, "\n".join(failures)
 
 
