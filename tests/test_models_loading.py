@@ -71,6 +71,23 @@ class RefLinearW8A8(nn.Module):
         return y if self.b is None else y + self.b
 
 
+def _silu_mul_rounded_once(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SPEC 1: a gated MLP's activation in fp32 from the bf16 projections, rounded once to bf16."""
+    return (F.silu(g.float()) * u.float()).to(torch.bfloat16)
+
+
+class RefGatedMLP(nn.Module):
+    """A transformers dense MLP with W8A8 projections, its activation rounded once (SPEC 1)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (RefLinearW8A8(getattr(mlp, n))
+                                                        for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(self, x):
+        return self.down_proj(_silu_mul_rounded_once(self.gate_proj(x), self.up_proj(x)))
+
+
 class RefMoE(nn.Module):
     """A transformers MoE block, fake-quantized as SPEC 1-3 describe."""
 
@@ -138,7 +155,7 @@ class RefMoE(nn.Module):
         out = scale * out
         if self.shared is not None:
             gp, up, dp = self.shared
-            sh = dp(F.silu(gp(x)) * up(x))
+            sh = dp(_silu_mul_rounded_once(gp(x), up(x)))
             if self.shared_gate is not None:
                 sh = torch.sigmoid(F.linear(x, self.shared_gate.to(x.dtype))) * sh
             out = out + sh.float()
@@ -153,8 +170,7 @@ def reference_model(source: nn.Module, cfg: dict, w8a8: bool, alpha=None, wclip=
         if hasattr(mlp, "experts") and hasattr(mlp, "gate"):
             layer.mlp = RefMoE(mlp, cfg, None if alpha is None else alpha[i], None if wclip is None else wclip[i], w8a8)
         elif w8a8:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(mlp, name, RefLinearW8A8(getattr(mlp, name)))
+            layer.mlp = RefGatedMLP(mlp)
         if w8a8:
             attn = layer.self_attn
             for name, mod in list(attn.named_children()):

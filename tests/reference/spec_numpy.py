@@ -140,6 +140,19 @@ def w8a8(x: np.ndarray, wq: np.ndarray, s: np.ndarray) -> np.ndarray:
     return int_matmul(xq, a, wq, s)
 
 
+def w8a8_mlp(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """SPEC 1: a W8A8 gated MLP (shared expert, dense layer); ``gate``/``up``/``down`` are (q, s).
+
+    g and u are bf16 W8A8 outputs; h = silu(g) * u in fp32 is rounded once to bf16, then
+    quantized per token for the down projection.
+    """
+    g = w8a8(x, *gate)
+    u = w8a8(x, *up)
+    with np.errstate(over="ignore"):  # exp(-g) overflows for very negative g: silu is then -0
+        h = bf16_round((g / (np.float32(1) + np.exp(-g))) * u)
+    return w8a8(h, *down)
+
+
 def combine_rows(rows: np.ndarray, token_ids: np.ndarray, weights: np.ndarray, m: int) -> np.ndarray:
     """Per-token weighted sum of expert rows, in fp32, adding in row order onto zeros."""
     out = np.zeros((m, rows.shape[1]), dtype=np.float32)
@@ -173,10 +186,7 @@ def moe_forward(x, router_w, routing, experts, alpha, shared=None, correction_bi
             out[t] += np.float32(w[t, slot]) * y2[0]
     out *= np.float32(routing["scale"])
     if shared is not None:
-        g = w8a8(x, *shared["gate"])
-        u = w8a8(x, *shared["up"])
-        act = bf16_round(bf16_round(g / (1 + np.exp(-g))) * u)
-        shared_out = w8a8(act, *shared["down"])
+        shared_out = w8a8_mlp(x, shared["gate"], shared["up"], shared["down"])
         if shared_gate is not None:  # Qwen2-MoE: sigmoid gate on the shared expert, in bf16
             logit = bf16_round(x.astype(np.float32) @ shared_gate.astype(np.float32).T)
             shared_out = bf16_round(bf16_round(1 / (1 + np.exp(-logit))) * shared_out)

@@ -29,7 +29,8 @@ from w4a8moe.convert.progress import ProgressManifest
 from w4a8moe.convert.runner import LayerRunner
 from w4a8moe.convert.source import SourceCheckpoint
 from w4a8moe.data import ByteTokenizer, load_text, load_user_text, token_batches
-from w4a8moe.errors import ConversionError
+from w4a8moe.errors import CheckpointError, ConversionError
+from w4a8moe.formats import open_checkpoint
 from w4a8moe.formats.base import CheckpointFormat
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
@@ -151,7 +152,8 @@ def convert(
     windows of ``calib_seq_len`` tokens; ``tokenizer``: a local tokenizer folder.
     ``keep_bf16``: module-name regexes left unquantized (default :data:`DEFAULT_KEEP_BF16`; a
     given list replaces it). ``resume=True`` continues an interrupted conversion into ``dst``
-    with the same settings. ``num_threads`` sets torch's thread count for the run.
+    with the same settings, however it was interrupted (a finished one is left as it is).
+    ``num_threads`` sets torch's thread count for the run.
     ``quant_method``: the compressed-tensors spelling written, ``"compressed-tensors"``
     (default) or ``"modelslim"`` (what sglang 0.5.7's NPU path loads); AscendV1 has none.
     The native kernel's products follow ``num_threads``. ``device`` (``"cpu"`` or ``"cuda"``) runs the
@@ -265,6 +267,9 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
         source.check_moe_layer(layer)
 
     manifest = ProgressManifest(dst, settings_hash)
+    if resume and (finished := _finished_report(dst, manifest, settings_hash, source, t_start)) is not None:
+        manifest.clean_finished()  # killed while removing its progress record: nothing left to do
+        return finished
     state = manifest.load_for_resume(f"{fmt.weights_prefix}-*.safetensors") if resume else None
     if not resume:
         manifest.start_fresh()
@@ -287,14 +292,17 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
     run = _Run()
     run.unit_keys = [key for key, _, _ in units]
 
-    def on_flush(fname: str, flushed: list[str]) -> None:
-        run.shards_written += 1
+    def save_progress() -> None:
         done_reports = {k: v for k, v in run.reports.items() if run.unit_keys.index(k) < run.unit}
         run.hidden_saved_for = manifest.save(
             weight_map=writer.shards.weight_map, total_bytes=writer.shards.total_bytes, types=writer.types,
             ignore=writer.ignore, resume_unit=run.unit, reports=done_reports,
             hidden=run.hidden if (learn and run.unit < len(units)) else None, hidden_unit=run.hidden_saved_for,
         )
+
+    def on_flush(fname: str, flushed: list[str]) -> None:
+        run.shards_written += 1
+        save_progress()
         if progress:
             tqdm.write(f"  wrote {fname} ({len(flushed)} tensors)")
         if fail_after_shards is not None and run.shards_written >= fail_after_shards:
@@ -314,7 +322,7 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
     def learn_layer(layer: int, moe_input: torch.Tensor, routed_rows: list[torch.Tensor]) -> ClipsOf:
         return split.learn_layer(layer, moe_input, routed_rows, clip_settings, learner)
 
-    if learn:
+    if learn and first_unit < len(units):
         run.hidden = manifest.hidden(state) if state is not None else None
         if run.hidden is None and first_unit <= 1:
             run.hidden = runner.embed(ids)
@@ -342,6 +350,8 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
         bar.update(unit_bytes[index])
     bar.close()
     run.unit = len(units)
+    if writer.flush() is None:
+        save_progress()  # every shard is in place: a resume only writes the metadata files
     copy_files = source.non_weight_files()
     writer.finish(copy_files, description_metadata={"settings_hash": settings_hash})
 
@@ -373,6 +383,30 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
         "calibration_hidden_bytes": hidden_bytes,
         "max_shard_bytes": max_shard_bytes,
     }
+    return report
+
+
+def _finished_report(dst: Path, manifest: ProgressManifest, settings_hash: str, source: SourceCheckpoint,
+                     t_start: float) -> dict | None:
+    """The report of a conversion with these settings that finished in ``dst`` (no progress record
+    left): resuming it has nothing to do."""
+    if manifest.path.exists() or not (dst / REPORT_FILE).exists():
+        return None
+    try:
+        report = json.loads((dst / REPORT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(report, dict) or report.get("settings_hash") != settings_hash:
+        return None
+    try:
+        open_checkpoint(dst, validate="structure")
+    except CheckpointError as exc:
+        raise ConversionError(f"{dst}: holds this conversion, finished, but its files are damaged ({exc}); "
+                              "convert again into an empty folder") from exc
+    seconds, source_bytes = time.perf_counter() - t_start, source.file_bytes()
+    report["timing"] = {"seconds": seconds, "source_bytes": source_bytes, "source_mb_per_s": source_bytes / 1e6 / seconds,
+                        "resumed_from_unit": "finished"}
+    report["memory"] = {"peak_rss_bytes": _peak_rss_bytes()}
     return report
 
 

@@ -1,28 +1,38 @@
 """Crash-safe progress of a conversion: what a resumed run may keep and where it restarts.
 
-After every output shard is renamed into place, the manifest (``.w4a8moe-progress/manifest.json``
-in the output folder) is rewritten atomically with: the settings hash, the shards' weight map
-and byte total, each written tensor's AscendV1 type and compressed-tensors ``ignore`` entries,
+The manifest (``.w4a8moe-progress/manifest.json`` in the output folder) is written, with the
+settings hash and nothing done, before anything else goes into the folder, so a folder a
+conversion has touched is recognisable as an interrupted conversion from its first write.
+After every output shard is renamed into place, the manifest is rewritten atomically with:
+the settings hash, the shards' weight map and byte total, each written tensor's AscendV1
+type and compressed-tensors ``ignore`` entries,
 the index of the unit of work (a decoder layer, or the non-layer tensors) being emitted when
 the shard was cut, the report entries of the units before it, and, when calibrating, the
 hidden states entering that unit (a safetensors file beside the manifest). A resumed run keeps
 exactly the shards the manifest names, regenerates that unit from its saved input (tensors
 already in finished shards are skipped) and carries on; temp files of interrupted writes are
 deleted and shards the manifest does not name are removed, so nothing half-written is ever
-taken for finished output.
+taken for finished output. Once every shard is in place the manifest says so (``resume_unit``
+past the last unit), the metadata files follow, and the record is removed last, manifest file
+before its folder; a folder whose record is gone holds the finished conversion (its report
+names the settings hash).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from w4a8moe.errors import ConversionError
-from w4a8moe.formats.safetensors_io import atomic_save_safetensors, atomic_write_json, remove_stale_temp_files
+from w4a8moe.formats.safetensors_io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    remove_stale_temp_files,
+    write_step,
+)
 
 PROGRESS_DIR = ".w4a8moe-progress"
 MANIFEST = "manifest.json"
@@ -43,13 +53,28 @@ class ProgressManifest:
         return self.dir / MANIFEST
 
     def start_fresh(self) -> None:
-        """A new conversion: the output folder must be absent or empty."""
+        """A new conversion: the output folder must be absent or empty; record that nothing is done."""
         if self.dst.exists() and any(self.dst.iterdir()):
             raise ConversionError(
                 f"{self.dst}: output folder exists and is not empty; choose an empty folder, or pass "
                 "resume=True (--resume) to continue an interrupted conversion into it"
             )
+        self._begin()
+
+    def _begin(self) -> None:
+        """Create the record with nothing done (before any output file is written)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        write_step("mkdir", self.dir)
+        remove_stale_temp_files(self.dir)
+        self.save(weight_map={}, total_bytes=0, types={}, ignore=[], resume_unit=0, reports={}, hidden=None,
+                  hidden_unit=None)
+
+    def clean_finished(self) -> None:
+        """Drop what the cut-short cleanup of a finished conversion left: an emptied record folder."""
+        remove_stale_temp_files(self.dst)
+        if self.dir.exists():
+            remove_stale_temp_files(self.dir)
+            self.dir.rmdir()
 
     def load_for_resume(self, shard_glob: str) -> dict | None:
         """The saved state, checked against this run's settings; ``None`` when starting afresh.
@@ -61,9 +86,9 @@ class ProgressManifest:
             if self.dst.exists() and any(p.name != PROGRESS_DIR for p in self.dst.iterdir()):
                 raise ConversionError(
                     f"{self.dst}: cannot resume: the folder holds files but no {PROGRESS_DIR}/{MANIFEST} "
-                    "(a finished conversion, or not one of ours); choose an empty folder"
+                    "(not a conversion of ours, or a finished one with other settings); choose an empty folder"
                 )
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self._begin()  # nothing was written yet (or only an unfinished first record)
             return None
         try:
             state = json.loads(self.path.read_text())
@@ -123,8 +148,16 @@ class ProgressManifest:
         for old in self.dir.glob("hidden-unit*.safetensors"):
             if old.name != hidden_file:
                 old.unlink()
+                write_step("unlinked", old)
         return hidden_unit
 
     def remove(self) -> None:
-        """Delete the progress record (the conversion is complete)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Delete the progress record (the conversion is complete): the manifest last but its folder."""
+        for path in sorted(self.dir.iterdir()):
+            if path != self.path:
+                path.unlink()
+                write_step("unlinked", path)
+        self.path.unlink()
+        write_step("unlinked", self.path)
+        self.dir.rmdir()
+        write_step("rmdir", self.dir)

@@ -17,7 +17,7 @@ from torch import nn
 
 from w4a8moe.formats import MoEModelConfig
 from w4a8moe.models.export import default_w8a8_policy, moe_blocks
-from w4a8moe.models.loading import W8A8LinearWithBias
+from w4a8moe.models.loading import W8A8LinearWithBias, use_gated_mlps
 from w4a8moe.moe import W8A8Linear
 from w4a8moe.quant import (
     dynamic_quant_per_token,
@@ -84,6 +84,7 @@ def w8a8_baseline(source: nn.Module, w8a8_linears: Iterable[str] | None = None) 
             raise ValueError(f"{name!r} is not a Linear in the source model")
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, w8a8_linear_from(module))
+    use_gated_mlps(model)  # W8A8 MLPs round their activation once, as in the loaded W4A8 model
     return model.eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -196,19 +197,39 @@ class ShardedSafetensorsReader:
         return total
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+# Test seam: when set, called as ``write_step_hook(step, path)`` at each filesystem step of the
+# atomic writers here and of the converter's progress record ("temp": a temp file is complete
+# but not yet renamed; "renamed": it is in place; "mkdir", "unlinked", "rmdir"), so a test can
+# kill the process at every instant a crash could hit. ``None`` outside tests.
+write_step_hook: Callable[[str, Path], None] | None = None
+
+
+def write_step(step: str, path: Path) -> None:
+    """Report one filesystem step to :data:`write_step_hook` (a no-op unless a test set it)."""
+    if write_step_hook is not None:
+        write_step_hook(step, Path(path))
+
+
+def _atomic_write(path: Path, fill: Callable[[str], None]) -> None:
+    """``fill(temp_path)`` writes the content; then fsync and rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        fill(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        write_step("temp", Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    write_step("renamed", path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
@@ -218,24 +239,19 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save a safetensors file atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+
+
+def atomic_copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` (bytes and metadata) to ``dst`` atomically."""
+    _atomic_write(dst, lambda tmp: shutil.copy2(src, tmp))
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
     """Delete the temp files an interrupted atomic write left in ``directory``; return them.
 
-    They are the ``.{name}.*.tmp`` files of :func:`atomic_write_bytes` and
-    :func:`atomic_save_safetensors`; no finished file ever has that name.
+    They are the ``.{name}.*.tmp`` files of the atomic writers here; no finished file ever
+    has that name.
     """
     removed = []
     for tmp in sorted(Path(directory).glob(".*.tmp")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +11,7 @@ from w4a8moe.formats.base import FLOAT, W4A8_DYNAMIC, W8A8_DYNAMIC, CheckpointFo
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS, MoEModelConfig
 from w4a8moe.formats.registry import get_format
-from w4a8moe.formats.safetensors_io import ShardedSafetensorsWriter, atomic_write_json
+from w4a8moe.formats.safetensors_io import ShardedSafetensorsWriter, atomic_copy_file, atomic_write_json
 from w4a8moe.quant import quantize_int8_per_channel
 
 
@@ -130,7 +129,7 @@ class CheckpointWriter:
                                              description_metadata)
         atomic_write_json(self.path / "config.json", out_config)
         for src in copy_files or []:
-            shutil.copy2(src, self.path / Path(src).name)
+            atomic_copy_file(src, self.path / Path(src).name)
         return self.path
 
 

@@ -8,7 +8,9 @@ bf16 expert weight is ever materialised. Then:
   and return type of the transformers 5 MoE blocks (hidden states in, a tensor of the same
   shape and dtype out);
 - every ``nn.Linear`` whose weight is int8 in the checkpoint becomes a
-  :class:`~w4a8moe.moe.W8A8Linear` (with its float bias, if the family has one);
+  :class:`~w4a8moe.moe.W8A8Linear` (with its float bias, if the family has one), and a
+  dense MLP whose three projections are W8A8 becomes a :class:`~w4a8moe.moe.GatedMLP`
+  (its activation rounded once, SPEC 1, as the engines run it);
 - every remaining parameter and persistent buffer is loaded from the checkpoint.
 
 Loading is strict: a model parameter without a checkpoint tensor, a checkpoint tensor that
@@ -28,7 +30,7 @@ from torch import nn
 from w4a8moe.errors import CheckpointError, ConfigError
 from w4a8moe.formats import Checkpoint, open_checkpoint
 from w4a8moe.kernels import ExpertBackend
-from w4a8moe.moe import W4A8MoE, W8A8Linear
+from w4a8moe.moe import GatedMLP, W4A8MoE, W8A8Linear
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 """Families whose transformers classes :func:`load_model` has been checked against."""
@@ -49,6 +51,25 @@ class W4A8MoEBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.moe(hidden_states).to(hidden_states.dtype)
+
+
+def use_gated_mlps(model: nn.Module) -> list[str]:
+    """Replace each transformers SiLU MLP whose gate/up/down projections are all W8A8 by a
+    :class:`~w4a8moe.moe.GatedMLP` on the same projections; return the module paths replaced.
+
+    transformers' MLP forms ``act_fn(gate(x)) * up(x)`` in bf16, rounding twice; the engines
+    (and SPEC 1) round once.
+    """
+    probe = torch.linspace(-8.0, 8.0, 33)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        projections = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        act = getattr(module, "act_fn", None)
+        if (not isinstance(module, GatedMLP) and all(isinstance(p, W8A8Linear) for p in projections)
+                and callable(act) and torch.equal(act(probe), torch.nn.functional.silu(probe))):
+            _set_submodule(model, name, GatedMLP(*projections))
+            replaced.append(name)
+    return replaced
 
 
 class W8A8LinearWithBias(W8A8Linear):
@@ -270,6 +291,7 @@ def load_model(
     if tied and "lm_head.weight" not in infos:
         model.lm_head.weight = model.get_input_embeddings().weight
     _init_non_persistent_buffers(model)
+    use_gated_mlps(model)
     if device.type != "cpu":
         model.to(device)  # the non-persistent buffers (rotary inv_freq), computed on the CPU
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -11,6 +11,7 @@ from w4a8moe.formats.model_config import RoutingConfig
 from w4a8moe.kernels import ExpertBackend, PackedExpertWeights, get_backend
 from w4a8moe.moe.linear import W8A8Linear
 from w4a8moe.moe.routing import select_experts
+from w4a8moe.quant import silu_and_mul
 
 
 class PackedExperts(nn.Module):
@@ -59,8 +60,23 @@ class PackedExperts(nn.Module):
         return PackedExpertWeights(self.w13, self.w13_scale, self.w2, self.w2_scale)
 
 
-class SharedExpert(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with any Linear-like projections (W8A8 or bf16).
+class GatedMLP(nn.Module):
+    """``down(silu_and_mul(gate(x), up(x)))`` with any Linear-like projections (W8A8 or bf16).
+
+    The activation is :func:`~w4a8moe.quant.silu_and_mul`: fp32 from the projections' bf16
+    outputs, rounded once (SPEC 1), as the engines run a shared expert or dense MLP.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class SharedExpert(GatedMLP):
+    """A MoE block's shared expert: a :class:`GatedMLP`.
 
     With ``gate_weight`` (Qwen2-MoE's ``shared_expert_gate``) the output is scaled by
     ``sigmoid(x @ gate_weight^T)``.
@@ -68,16 +84,14 @@ class SharedExpert(nn.Module):
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
                  gate_weight: torch.Tensor | None = None):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        super().__init__(gate_proj, up_proj, down_proj)
         if gate_weight is not None:
             self.register_buffer("expert_gate", gate_weight)
         else:
             self.expert_gate = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The activation is taken in the model dtype (bf16), as the transformers models do.
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = super().forward(x)
         if self.expert_gate is not None:
             out = torch.sigmoid(F.linear(x, self.expert_gate.to(x.dtype))) * out
         return out

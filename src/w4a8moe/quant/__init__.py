@@ -20,6 +20,8 @@ from w4a8moe.quant.weights import (
 from w4a8moe.quant.activations import (
     INT8_MAX,
     dynamic_quant_per_token,
+    silu_and_mul,
+    silu_mul_fp32,
     swiglu_clip_quant,
     swiglu_fp32,
 )
@@ -42,6 +44,8 @@ __all__ = [
     "kernel_bias",
     "kernel_bias_chunks",
     "dynamic_quant_per_token",
+    "silu_mul_fp32",
+    "silu_and_mul",
     "swiglu_fp32",
     "swiglu_clip_quant",
     "int8_matmul_int32",

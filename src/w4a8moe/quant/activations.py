@@ -29,11 +29,24 @@ def dynamic_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return _quant_rows(xf, xf.abs().amax(dim=-1, keepdim=True))
 
 
+def silu_mul_fp32(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` computed in fp32 from ``g``, ``u`` of any float dtype (SPEC 1, 2)."""
+    return F.silu(gate.to(torch.float32)) * up.to(torch.float32)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The activation of a gated MLP (shared expert, dense layer), SPEC 1: :func:`silu_mul_fp32`
+    rounded once to ``out_dtype`` (default: ``gate``'s dtype), as the engines' fused SiluAndMul.
+
+    A plain bf16 ``silu(g) * u`` rounds twice (after ``silu`` and after the product)."""
+    return silu_mul_fp32(gate, up).to(out_dtype or gate.dtype)
+
+
 def swiglu_fp32(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` in fp32, where ``g`` is the first half of the columns, ``u`` the second."""
+    """:func:`silu_mul_fp32` of the first half of the columns (``g``) and the second (``u``)."""
     gu = gate_up.to(torch.float32)
     inter = gu.shape[-1] // 2
-    return F.silu(gu[..., :inter]) * gu[..., inter:]
+    return silu_mul_fp32(gu[..., :inter], gu[..., inter:])
 
 
 def swiglu_clip_quant(
