@@ -17,6 +17,7 @@ from w4a8moe.quant.weights import (
 )
 from w4a8moe.quant.activations import (
     INT8_MAX,
+    clip_quant_rows,
     dynamic_quant_per_token,
     swiglu_clip_quant,
     swiglu_fp32,
@@ -38,6 +39,7 @@ __all__ = [
     "kernel_bias",
     "kernel_bias_chunks",
     "dynamic_quant_per_token",
+    "clip_quant_rows",
     "swiglu_fp32",
     "swiglu_clip_quant",
     "int8_matmul_int32",
