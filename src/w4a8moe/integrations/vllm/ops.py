@@ -78,6 +78,9 @@ class LinearState:
 
 
 MOE_LAYERS: dict[str, MoEState] = {}
+DUMP_ENV = "W4A8MOE_VLLM_DUMP_DIR"
+"""Testing: rank 0 saves the first calls' inputs and outputs of each MoE layer here."""
+_DUMPED: dict[str, int] = {}
 LINEAR_LAYERS: dict[str, LinearState] = {}
 
 
@@ -126,7 +129,21 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         out = combine_rows(rows, token_ids, row_weights, m)
     else:
         out = st.backend.combined_forward(st.prepared, x_q, x_scale, token_ids, offsets, st.alpha, row_weights)
-    return st.group.only_rank0(out.to(torch.bfloat16))
+    result = out.to(torch.bfloat16)
+    _maybe_dump(layer, st, x, weights, ids, result)
+    return st.group.only_rank0(result)
+
+
+def _maybe_dump(layer: str, st: MoEState, x, weights, ids, out) -> None:
+    import os
+
+    directory = os.environ.get(DUMP_ENV)
+    count = _DUMPED.get(layer, 0)
+    if not directory or st.group.rank != 0 or count >= 4:
+        return
+    _DUMPED[layer] = count + 1
+    torch.save({"layer": layer, "x": x.clone(), "weights": weights.clone(), "ids": ids.clone(), "out": out.clone()},
+               os.path.join(directory, f"{layer}.{count}.pt"))
 
 
 def int8_linear(x: torch.Tensor, layer: str) -> torch.Tensor:
