@@ -82,19 +82,26 @@ LINEAR_SHAPES = [("q_b_proj", 1536, 16 * 192), ("o_proj", 16 * 128, 7168), ("sha
 
 def linear_table(repeats: int) -> None:
     """W8A8 Linear, per call: the project's int8 kernel (what the plugin uses) vs vLLM's own CPU
-    int8 path (oneDNN, as ``CPUInt8ScaledMMLinearKernel`` runs it without AMX)."""
+    int8 path as ``CPUInt8ScaledMMLinearKernel`` picks it: the AMX kernel where
+    ``check_cpu_sgl_kernel`` allows, else oneDNN."""
     from vllm import _custom_ops as vllm_ops
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
     from w4a8moe.kernels import get_backend
     from w4a8moe.quant import quantize_int8_per_channel
 
     backend = get_backend()
     print(f"W8A8 Linear, microseconds per call (backend {backend.name}, {torch.get_num_threads()} threads)")
-    print(f"{'layer':16s} {'K':>6s} {'N':>6s} {'M':>4s} {'w4a8moe':>10s} {'vLLM oneDNN':>12s} {'ratio':>7s}")
+    print(f"{'layer':16s} {'K':>6s} {'N':>6s} {'M':>4s} {'w4a8moe':>10s} {'vLLM int8':>12s} {'vLLM/ours':>9s} path")
     for name, k, n in LINEAR_SHAPES:
         w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
         prepared = backend.prepare_int8_linear(w_q, w_s)
-        handler = vllm_ops.create_onednn_scaled_mm(w_q.t(), w_s.reshape(n, 1), torch.bfloat16, True, False, 32)
+        amx = check_cpu_sgl_kernel(n, k, torch.int8)
+        if amx:
+            packed = torch.ops._C.convert_weight_packed(w_q)
+            scale = w_s.reshape(n).to(torch.float32)
+        else:
+            handler = vllm_ops.create_onednn_scaled_mm(w_q.t(), w_s.reshape(n, 1), torch.bfloat16, True, False, 32)
         for m in (1, 16):
             x = torch.randn(m, k).to(torch.bfloat16)
 
@@ -103,6 +110,8 @@ def linear_table(repeats: int) -> None:
                 return backend.int8_linear(prepared, x_q, x_scale)
 
             def theirs() -> torch.Tensor:
+                if amx:
+                    return torch.ops._C.int8_scaled_mm_with_quant(x, packed, scale, None, torch.bfloat16, True)
                 x_q, x_s, x_zp = vllm_ops.onednn_scaled_int8_quant(x, None, None, True)
                 out = torch.empty((m, n), dtype=torch.bfloat16)
                 vllm_ops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)
@@ -115,7 +124,7 @@ def linear_table(repeats: int) -> None:
                 for _ in range(repeats):
                     fn()
                 times.append((time.perf_counter() - t0) / repeats * 1e6)
-            print(f"{name:16s} {k:6d} {n:6d} {m:4d} {times[0]:10.1f} {times[1]:12.1f} {times[1] / times[0]:7.2f}")
+            print(f"{name:16s} {k:6d} {n:6d} {m:4d} {times[0]:10.1f} {times[1]:12.1f} {times[1] / times[0]:9.2f} {'AMX' if amx else 'oneDNN'}")
 
 
 def main() -> None:
