@@ -16,7 +16,7 @@ from w4a8moe.formats.safetensors_io import read_safetensors_header
 from w4a8moe.models.synthetic import random_float_moe_layer, tiny_config
 from w4a8moe.quant import dequantize_per_channel, unpack_int4_pairs
 
-FORMATS = [COMPRESSED_TENSORS, ASCENDV1]
+FORMATS = [COMPRESSED_TENSORS.name, ASCENDV1.name]
 FAMILIES = ["deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"]
 EXPERT = "model.layers.1.mlp.experts.3"
 
@@ -29,7 +29,7 @@ def _write(tmp_path: Path, fmt: str, model_type: str = "deepseek_v3", shard_byte
     others = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], cfg["hidden_size"]).to(torch.bfloat16),
               "model.norm.weight": torch.ones(cfg["hidden_size"], dtype=torch.bfloat16)}
     w8 = {"model.layers.0.mlp.down_proj.weight": torch.randn(cfg["hidden_size"], 128)}
-    return write_checkpoint(tmp_path / fmt, cfg, layers, fmt, other_tensors=others, w8a8_linears=w8,
+    return write_checkpoint(tmp_path / str(fmt), cfg, layers, fmt, other_tensors=others, w8a8_linears=w8,
                             max_shard_bytes=shard_bytes, **kw)
 
 

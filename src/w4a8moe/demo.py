@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         convert(source, out_root / name, fmt=fmt, learn=learn, progress=False)
         kind = "learned clips" if learn else "round-to-nearest"
-        print(f"  {name:<17} {fmt:<19} {kind:<17} {time.perf_counter() - t0:5.1f}s")
+        print(f"  {name:<17} {fmt.name:<19} {kind:<17} {time.perf_counter() - t0:5.1f}s")
     print(f"  [{time.perf_counter() - t:.0f}s]")
 
     t = _step("3. verify")

@@ -7,7 +7,8 @@ import argparse
 from w4a8moe.calibrate import DEFAULT_MIN_EXPERT_TOKENS, ClipSearchSettings
 from w4a8moe.convert.pipeline import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_SEQUENCES, REPORT_FILE, convert
 from w4a8moe.convert.policy import DEFAULT_KEEP_BF16
-from w4a8moe.formats.schema import COMPRESSED_TENSORS, FORMATS
+from w4a8moe.formats.compressed_tensors import COMPRESSED_TENSORS
+from w4a8moe.formats.registry import FORMATS
 
 
 def _size(text: str) -> int:
@@ -24,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``convert`` subcommand's arguments."""
     p.add_argument("src", help="Hugging Face checkpoint folder (bf16/fp16/fp32 or DeepSeek block FP8)")
     p.add_argument("dst", help="output folder (absent or empty, or the folder of an interrupted run with --resume)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default=COMPRESSED_TENSORS,
+    p.add_argument("--format", dest="fmt", choices=list(FORMATS), default=COMPRESSED_TENSORS.name,
                    help="compressed-tensors (activation_use_clip, per-expert alpha) or ascendv1 (no clip)")
+    p.add_argument("--quant-method", choices=list(COMPRESSED_TENSORS.quant_methods), default=None,
+                   help="compressed-tensors only: the quant_method spelling written (default compressed-tensors; "
+                        "modelslim is what sglang 0.5.7's NPU path loads)")
     p.add_argument("--no-learn", action="store_true", help="round-to-nearest, every clip 1 (the baseline)")
     p.add_argument("--calib", help="calibration text file (UTF-8); default: the built-in calib split")
     p.add_argument("--tokenizer", help="local tokenizer folder (default: the source's own, else the byte tokenizer)")
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.dst, fmt=args.fmt, learn=not args.no_learn, calib=args.calib, tokenizer=args.tokenizer,
         calib_sequences=args.calib_sequences, calib_seq_len=args.calib_seq_len, clip_settings=settings,
         resume=args.resume, keep_bf16=keep, max_shard_bytes=args.max_shard_size, batch_size=args.batch_size,
-        num_threads=args.threads, progress=not args.quiet,
+        num_threads=args.threads, progress=not args.quiet, quant_method=args.quant_method,
     )
     t, m = report["timing"], report["memory"]
     print(f"converted {args.src} -> {args.dst} ({report['format']}, "

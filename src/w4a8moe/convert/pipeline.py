@@ -28,11 +28,11 @@ from w4a8moe.convert.runner import LayerRunner
 from w4a8moe.convert.source import SourceCheckpoint
 from w4a8moe.data import ByteTokenizer, load_text, load_user_text, token_batches
 from w4a8moe.errors import ConversionError
-from w4a8moe.formats import ascendv1, compressed_tensors
+from w4a8moe.formats.base import CheckpointFormat
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
 from w4a8moe.formats.safetensors_io import atomic_write_json
-from w4a8moe.formats.schema import ASCENDV1, COMPRESSED_TENSORS, FORMATS
+from w4a8moe.formats.registry import get_format
 from w4a8moe.formats.writer import CheckpointWriter, moe_layer_tensors
 from w4a8moe.moe import W4A8MoE, select_experts
 from w4a8moe.quant import pack_int4_pairs, quantize_int8_per_channel
@@ -122,7 +122,7 @@ class _Run:
 def convert(
     src: str | Path,
     dst: str | Path,
-    fmt: str = COMPRESSED_TENSORS,
+    fmt: str | CheckpointFormat = "compressed-tensors",
     learn: bool = True,
     calib: str | Path | None = None,
     tokenizer: str | Path | None = None,
@@ -135,6 +135,7 @@ def convert(
     batch_size: int = 8,
     num_threads: int | None = None,
     progress: bool = True,
+    quant_method: str | None = None,
     _fail_after_shards: int | None = None,
 ) -> dict:
     """Convert the Hugging Face MoE checkpoint folder ``src`` to a W4A8 checkpoint in ``dst``.
@@ -148,14 +149,19 @@ def convert(
     ``keep_bf16``: module-name regexes left unquantized (default :data:`DEFAULT_KEEP_BF16`; a
     given list replaces it). ``resume=True`` continues an interrupted conversion into ``dst``
     with the same settings. ``num_threads`` sets torch's thread count for the run.
+    ``quant_method``: the compressed-tensors spelling written, ``"compressed-tensors"``
+    (default) or ``"modelslim"`` (what sglang 0.5.7's NPU path loads); AscendV1 has none.
 
     Returns the report (also written to ``dst/conversion_report.json``, without the timing
     and memory figures, which vary between runs). Raises :class:`ConversionError`,
     :class:`CheckpointError` or :class:`ConfigError` naming the file or tensor at fault.
     ``_fail_after_shards`` (testing) raises after that many shards are written in this run.
     """
-    if fmt not in FORMATS:
-        raise ConversionError(f"format must be one of {FORMATS}, got {fmt!r}")
+    try:
+        fmt = get_format(fmt)
+        fmt.write_options(quant_method=quant_method)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from exc
     if max_shard_bytes < 1:
         raise ConversionError("max_shard_bytes must be positive")
     threads_before = torch.get_num_threads()
@@ -166,21 +172,22 @@ def convert(
             return _convert(Path(src), Path(dst), fmt, learn, calib, tokenizer, calib_sequences, calib_seq_len,
                             clip_settings or ClipSearchSettings(), resume,
                             tuple(DEFAULT_KEEP_BF16 if keep_bf16 is None else keep_bf16), max_shard_bytes,
-                            batch_size, progress, _fail_after_shards)
+                            batch_size, progress, _fail_after_shards, quant_method)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, calib_sequences: int,
+def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, tokenizer, calib_sequences: int,
              calib_seq_len: int, clip_settings: ClipSearchSettings, resume: bool, keep_bf16: tuple[str, ...],
-             max_shard_bytes: int, batch_size: int, progress: bool, fail_after_shards: int | None) -> dict:
+             max_shard_bytes: int, batch_size: int, progress: bool, fail_after_shards: int | None,
+             quant_method: str | None) -> dict:
     t_start = time.perf_counter()
     source = SourceCheckpoint(src)
     mc = source.model_config
     names = mc.names
     policy = LayerPolicy(mc, keep_bf16)
     dtype = source.compute_dtype()
-    if fmt == ASCENDV1 and learn:
+    if learn and not fmt.carries_activation_clip:
         # The format has no alpha tensor: an activation clip learned here would be lost.
         clip_settings = ClipSearchSettings(**{**asdict(clip_settings), "learn_alpha": False})
 
@@ -190,7 +197,7 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
 
     settings = {
         "converter_version": CONVERTER_VERSION,
-        "format": fmt,
+        "format": fmt.name,
         "learn": learn,
         "clip_search": asdict(clip_settings) if learn else None,
         "calibration": calib_info,
@@ -200,6 +207,8 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         "source": _source_identity(source),
         "source_fp8_block": list(source.fp8_block) if source.fp8_block else None,
     }
+    if quant_method not in (None, fmt.default_quant_method):
+        settings["quant_method"] = quant_method  # only when not the default: default runs keep their hash
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     # Units of work: the non-layer tensors, then each decoder layer in order.
@@ -222,8 +231,7 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         source.check_moe_layer(layer)
 
     manifest = ProgressManifest(dst, settings_hash)
-    prefix = ascendv1.WEIGHTS_PREFIX if fmt == ASCENDV1 else compressed_tensors.WEIGHTS_PREFIX
-    state = manifest.load_for_resume(f"{prefix}-*.safetensors") if resume else None
+    state = manifest.load_for_resume(f"{fmt.weights_prefix}-*.safetensors") if resume else None
     if not resume:
         manifest.start_fresh()
 
@@ -232,11 +240,11 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
     out_config[CONFIG_KEY] = {
         "producer": "w4a8moe convert",
         "converter_version": CONVERTER_VERSION,
-        "format": fmt,
+        "format": fmt.name,
         "policy": policy.describe(),
         "w4a8_moe_layers": w4a8_layers,
         "learned_clips": learn,
-        "activation_clip": fmt == COMPRESSED_TENSORS,
+        "activation_clip": fmt.carries_activation_clip,
         "clip_search": settings["clip_search"],
         "calibration": calib_info,
         "source_dtype": "fp8 (block " + "x".join(map(str, source.fp8_block)) + ")" if source.is_fp8 else str(dtype).replace("torch.", ""),
@@ -258,8 +266,8 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
         if fail_after_shards is not None and run.shards_written >= fail_after_shards:
             raise RuntimeError(f"injected failure after {run.shards_written} shard(s) (testing)")
 
-    writer = CheckpointWriter(dst, out_config, fmt, activation_use_clip=(fmt == COMPRESSED_TENSORS),
-                              max_shard_bytes=max_shard_bytes, on_flush=on_flush)
+    writer = CheckpointWriter(dst, out_config, fmt, activation_use_clip=fmt.carries_activation_clip,
+                              max_shard_bytes=max_shard_bytes, on_flush=on_flush, quant_method=quant_method)
     first_unit = 0
     if state is not None:
         writer.restore(state["weight_map"], state["total_bytes"], state["types"], state["ignore"])
@@ -300,7 +308,7 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
 
     report = {
         "source_model_type": mc.model_type,
-        "format": fmt,
+        "format": fmt.name,
         "learned_clips": learn,
         "settings_hash": settings_hash,
         "calibration": calib_info,
@@ -331,7 +339,7 @@ def _convert(src: Path, dst: Path, fmt: str, learn: bool, calib, tokenizer, cali
 
 def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: CheckpointWriter,
                   runner: LayerRunner | None, hidden: torch.Tensor | None, layer: int | None,
-                  unit_names: list[str], fmt: str, is_w4a8: bool, learn: bool,
+                  unit_names: list[str], fmt: CheckpointFormat, is_w4a8: bool, learn: bool,
                   clip_settings: ClipSearchSettings, progress: bool) -> tuple[dict, torch.Tensor | None]:
     """Quantize and queue one unit's tensors; return its report entry and the next hidden states."""
     mc = source.model_config

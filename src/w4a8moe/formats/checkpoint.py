@@ -3,39 +3,26 @@
 Validation never guesses: every tensor a MoE layer needs is checked for presence, dtype and
 shape from the safetensors headers (cheap), and, unless ``validate="structure"``, for its
 values: finite positive scales, int4 values in [-7, 7], zero offsets, activation clips in
-(0, 1], and each stored kernel bias against ``8 * s_n * sum_k q[n, k]``.
-
-Kernel-bias tolerance: the stored value divided by ``8 * s_n`` must lie within
-``0.5 + 1e-5 * sum_k |q[n, k]|`` of the exact integer ``sum_k q[n, k]``. The second term
-absorbs fp32 summation-order differences between converters; the bound stays below one
-quantum for any realistic K, so a bias computed from different integers is always caught.
+(0, 1], and each stored kernel bias against ``8 * s_n * sum_k q[n, k]`` (tolerance: see
+:meth:`~w4a8moe.formats.base.CheckpointFormat.check_kernel_bias`). What each format stores
+is asked of its format object (:attr:`Checkpoint.format`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from w4a8moe.errors import CheckpointError, ConfigError
-from w4a8moe.formats import ascendv1, compressed_tensors
+from w4a8moe.formats.base import CheckpointFormat, read_config
 from w4a8moe.formats.layer_tensors import QuantizedMoELayer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS, MoEModelConfig
+from w4a8moe.formats.registry import detect_format
 from w4a8moe.formats.safetensors_io import ShardedSafetensorsReader, TensorInfo
-from w4a8moe.formats.schema import (
-    ASCENDV1,
-    COMPRESSED_TENSORS,
-    FLOAT_DTYPES,
-    TensorSpec,
-    expert_projection_specs,
-    w8a8_linear_specs,
-)
-from w4a8moe.quant import KERNEL_BIAS_CHUNKS, decode_scale_uint64, unpack_int4_pairs
+from w4a8moe.formats.schema import FLOAT_DTYPES, TensorSpec
 
-BIAS_RTOL_OF_ABS_SUM = 1e-5
-BIAS_ATOL_QUANTA = 0.5
 _MAX_REPORTED = 40
 
 
@@ -63,39 +50,13 @@ def _fmt_dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _load_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{directory}: config.json is missing")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"config.json: unreadable ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError("config.json: expected a JSON object")
-    return config
-
-
-def detect_format(directory: Path, config: dict) -> str:
-    """``"ascendv1"`` or ``"compressed-tensors"``; raise if the folder is neither or both."""
-    has_description = (directory / ascendv1.DESCRIPTION_FILE).exists()
-    has_qc = "quantization_config" in config
-    if has_description and has_qc:
-        raise CheckpointError(
-            f"{directory}: both {ascendv1.DESCRIPTION_FILE} and config.json:quantization_config are present; "
-            "an AscendV1 checkpoint must not carry quantization_config"
-        )
-    if has_description:
-        return ASCENDV1
-    if has_qc:
-        return COMPRESSED_TENSORS
-    raise CheckpointError(
-        f"{directory}: not a W4A8 checkpoint: neither {ascendv1.DESCRIPTION_FILE} nor config.json:quantization_config"
-    )
-
-
 class Checkpoint:
-    """A validated W4A8 MoE checkpoint on disk. Use :func:`open_checkpoint`."""
+    """A validated W4A8 MoE checkpoint on disk. Use :func:`open_checkpoint`.
+
+    ``format`` is the format object (``== "ascendv1"`` / ``"compressed-tensors"``, ``.name``);
+    ``metadata`` what its metadata said (:class:`~w4a8moe.formats.base.FormatMetadata`), also
+    as ``activation_use_clip``, ``quant_method``, ``moe_group``, ``description``, ``scheme``.
+    """
 
     def __init__(self, path: str | Path, validate: str = "full"):
         if validate not in ("full", "structure"):
@@ -103,27 +64,23 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
-        self.config: dict = _load_config(self.path)
-        self.format: str = detect_format(self.path, self.config)
+        self.config: dict = read_config(self.path)
+        self.format: CheckpointFormat = detect_format(self.path, self.config)
+        """The format object (compares equal to its name: ``ckpt.format == "ascendv1"``; ``.name``)."""
         try:
             self.model_config = MoEModelConfig.from_dict(self.config)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from exc
-        self.description: dict[str, str] = {}
-        self.activation_use_clip = False
-        self.moe_group: str | None = None
-        if self.format == ASCENDV1:
-            self.description, self.description_globals = ascendv1.read_description(self.path)
-            self.reader = ShardedSafetensorsReader(
-                self.path, ascendv1.INDEX_FILE, [ascendv1.SINGLE_FILE], f"{ascendv1.WEIGHTS_PREFIX}*.safetensors"
-            )
-        else:
-            self.scheme, self.activation_use_clip, self.moe_group = compressed_tensors.parse_quantization_config(
-                self.config["quantization_config"]
-            )
-            self.reader = ShardedSafetensorsReader(
-                self.path, compressed_tensors.INDEX_FILE, [compressed_tensors.SINGLE_FILE], "*.safetensors"
-            )
+        self.metadata = self.format.read_metadata(self.path, self.config)
+        self.description: dict[str, str] = self.metadata.description
+        self.description_globals: dict[str, object] = self.metadata.description_globals
+        self.activation_use_clip: bool = self.metadata.activation_use_clip
+        self.moe_group: str | None = self.metadata.moe_group
+        self.scheme = self.metadata.scheme
+        self.quant_method: str | None = self.metadata.quant_method
+        self.reader = ShardedSafetensorsReader(
+            self.path, self.format.index_file, [self.format.single_file], self.format.shard_glob
+        )
         self.moe_layers: list[int] = self._discover_moe_layers()
         problems = _Problems()
         self._check_structure(problems)
@@ -165,15 +122,14 @@ class Checkpoint:
             for proj in EXPERT_PROJECTIONS:
                 n, k = mc.projection_shape(proj)
                 base = names.expert_weight(layer, expert, proj)
-                for suffix, spec in expert_projection_specs(self.format, proj, n, k, h, self.activation_use_clip).items():
-                    specs[f"{base}.{suffix}"] = spec
+                specs.update(self.format.expert_tensor_specs(base, proj, n, k, h, self.activation_use_clip))
         if mc.shared_intermediate_size:
             for proj in EXPERT_PROJECTIONS:
                 n, k = mc.shared_projection_shape(proj)
                 base = names.shared_weight(layer, proj)
                 info = self.reader.infos.get(f"{base}.weight")
                 if info is not None and info.dtype == torch.int8:
-                    for suffix, spec in w8a8_linear_specs(self.format, n, k).items():
+                    for suffix, spec in self.format.linear_specs(n, k).items():
                         specs[f"{base}.{suffix}"] = spec
                 else:
                     specs[f"{base}.weight"] = TensorSpec(FLOAT_DTYPES, ((n, k),))
@@ -196,19 +152,8 @@ class Checkpoint:
         if mc.moe_intermediate_size % 2 or mc.hidden_size % 2:
             problems.add(f"config.json: hidden_size and moe_intermediate_size must be even for int4 pairs")
             return
-        if self.format == ASCENDV1:
-            if mc.moe_intermediate_size % KERNEL_BIAS_CHUNKS:
-                problems.add(
-                    f"config.json: moe_intermediate_size={mc.moe_intermediate_size} is not divisible by "
-                    f"{KERNEL_BIAS_CHUNKS}, as the AscendV1 down-projection scale_bias needs"
-                )
-            for name in self.reader.infos:
-                if name not in self.description:
-                    problems.add(f"tensor {name!r} is in the weights but not in {ascendv1.DESCRIPTION_FILE}")
-            for name in self.description:
-                if name not in self.reader.infos:
-                    problems.add(f"{ascendv1.DESCRIPTION_FILE} lists tensor {name!r}, which is not in the weights")
         covered: set[str] = set()
+        expert_tensors: set[str] = set()
         for layer in self.moe_layers:
             specs = self.expected_layer_tensors(layer)
             covered.update(specs)
@@ -218,19 +163,16 @@ class Checkpoint:
             for name in self.reader.infos:
                 if name.startswith(prefix) and name not in specs:
                     problems.add(f"unexpected tensor {name!r} in MoE layer {layer}")
-            if self.format == ASCENDV1:
-                expert_root = f"{prefix}{mc.names.experts}."
-                for name in specs:
-                    kind = self.description.get(name)
-                    if name.startswith(expert_root) and kind is not None and kind != ascendv1.W4A8:
-                        problems.add(f"{ascendv1.DESCRIPTION_FILE}: {name!r} is {kind}, expected {ascendv1.W4A8}")
+            expert_root = f"{prefix}{mc.names.experts}."
+            expert_tensors.update(name for name in specs if name.startswith(expert_root))
+        problems.items.extend(self.format.metadata_problems(mc, self.reader.infos, self.metadata, expert_tensors))
         # W8A8 linears elsewhere (attention, dense MLPs) need their scales too.
         for name, info in self.reader.infos.items():
             if name in covered or not name.endswith(".weight") or info.dtype != torch.int8 or len(info.shape) != 2:
                 continue
             base = name[: -len(".weight")]
             n, k = info.shape
-            for suffix, spec in w8a8_linear_specs(self.format, n, k).items():
+            for suffix, spec in self.format.linear_specs(n, k).items():
                 self._check_spec(f"{base}.{suffix}", spec, problems)
 
     # ----------------------------------------------------------------- values
@@ -249,64 +191,6 @@ class Checkpoint:
                     problems.add(f"tensor {name!r} holds NaN or Inf")
                 if name.endswith(".weight_scale") and not bool((t > 0).all()):
                     problems.add(f"tensor {name!r}: scales must be > 0, found min {float(t.min()):g}")
-
-    def _scale(self, name: str, problems: _Problems) -> torch.Tensor | None:
-        t = self.reader.get(name)
-        if t.dtype == torch.uint64:
-            try:
-                t = decode_scale_uint64(t)
-            except ValueError as exc:
-                problems.add(f"tensor {name!r}: {exc}")
-                return None
-        t = t.to(torch.float32).reshape(-1)
-        if not bool(torch.isfinite(t).all()):
-            problems.add(f"tensor {name!r}: scales must be finite, found NaN or Inf")
-            return None
-        if not bool((t > 0).all()):
-            idx = int(torch.nonzero(t <= 0)[0])
-            problems.add(f"tensor {name!r}: scales must be > 0, found {float(t[idx]):g} at row {idx}")
-            return None
-        return t
-
-    def _check_bias(self, name: str, stored: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                    problems: _Problems) -> None:
-        if not bool(torch.isfinite(stored).all()):
-            problems.add(f"tensor {name!r}: kernel bias holds NaN or Inf")
-            return
-        n, k = q.shape
-        chunks = stored.shape[-1] if stored.dim() == 2 and stored.shape[-1] != 1 else 1
-        qc = q.to(torch.int64).reshape(n, chunks, k // chunks)
-        exact = qc.sum(-1).to(torch.float64)
-        abs_sum = qc.abs().sum(-1).to(torch.float64)
-        implied = stored.to(torch.float64).reshape(n, chunks) / (8.0 * scale.to(torch.float64).reshape(n, 1))
-        tol = BIAS_ATOL_QUANTA + BIAS_RTOL_OF_ABS_SUM * abs_sum
-        bad = (implied - exact).abs() > tol
-        if bool(bad.any()):
-            row, col = (int(v) for v in torch.nonzero(bad)[0])
-            expected = 8.0 * float(scale[row]) * float(exact[row, col])
-            where = f"row {row}" + (f", chunk {col}" if chunks > 1 else "")
-            problems.add(
-                f"tensor {name!r}: {int(bad.sum())} value(s) differ from 8*s*sum(q); at {where} found "
-                f"{float(stored.reshape(n, chunks)[row, col]):.6g}, expected {expected:.6g}"
-            )
-
-    def _load_expert_projection(self, base: str, proj: str, problems: _Problems):
-        weight = self.reader.get(f"{base}.weight")
-        q = unpack_int4_pairs(weight)
-        if bool((q < -7).any()):
-            n, k = (int(v) for v in torch.nonzero(q < -7)[0])
-            problems.add(f"tensor '{base}.weight': int4 value -8 at channel {n}, column {k}; expected values in [-7, 7]")
-        scale = self._scale(f"{base}.weight_scale", problems)
-        if self.format == ASCENDV1:
-            offset = self.reader.get(f"{base}.weight_offset")
-            if not bool((offset == 0).all()):
-                problems.add(f"tensor '{base}.weight_offset': expected all zeros (symmetric), found non-zero values")
-            bias_name = f"{base}.scale_bias"
-        else:
-            bias_name = f"{base}.bias"
-        if scale is not None:
-            self._check_bias(bias_name, self.reader.get(bias_name), q, scale, problems)
-        return weight, scale
 
     def load_moe_layer_tensors(self, layer: int) -> QuantizedMoELayer:
         """Load and validate one MoE layer's tensors; raise :class:`CheckpointError` on any defect."""
@@ -330,20 +214,16 @@ class Checkpoint:
             packed[proj] = torch.empty((e, n // 2, k), dtype=torch.int8)
             scales[proj] = torch.empty((e, n), dtype=torch.float32)
         alpha = torch.ones(e, dtype=torch.float32)
+        get = self.reader.get
         for expert in range(e):
             for proj in EXPERT_PROJECTIONS:
                 base = names.expert_weight(layer, expert, proj)
-                weight, scale = self._load_expert_projection(base, proj, problems)
-                packed[proj][expert] = weight
-                if scale is not None:
-                    scales[proj][expert] = scale
-            if self.activation_use_clip:
-                name = f"{names.expert_weight(layer, expert, 'down')}.alpha"
-                a = float(self.reader.get(name).reshape(()))
-                if not (0.0 < a <= 1.0):  # also false for NaN
-                    problems.add(f"tensor {name!r}: activation clip must lie in (0, 1], found {a!r}")
-                else:
-                    alpha[expert] = a
+                loaded = self.format.load_expert_projection(base, proj, get, problems.items, self.activation_use_clip)
+                packed[proj][expert] = loaded.weight
+                if loaded.scale is not None:
+                    scales[proj][expert] = loaded.scale
+                if loaded.alpha is not None:
+                    alpha[expert] = loaded.alpha
         router = self.reader.get(f"{prefix}.{names.router}.weight")
         if not bool(torch.isfinite(router).all()):
             problems.add(f"tensor '{prefix}.{names.router}.weight' holds NaN or Inf")
@@ -361,7 +241,7 @@ class Checkpoint:
                 base = names.shared_weight(layer, proj)
                 w = self.reader.get(f"{base}.weight")
                 if w.dtype == torch.int8:
-                    shared[proj] = (w, self._scale(f"{base}.weight_scale", problems))
+                    shared[proj] = (w, self.format.load_scale(f"{base}.weight_scale", get, problems.items))
                 else:
                     if not bool(torch.isfinite(w).all()):
                         problems.add(f"tensor '{base}.weight' holds NaN or Inf")
@@ -392,7 +272,8 @@ class Checkpoint:
         routed = expert_params * mc.num_experts * len(self.moe_layers)
         return {
             "path": str(self.path),
-            "format": self.format,
+            "format": self.format.name,
+            "quant_method": self.quant_method,
             "model_type": mc.model_type,
             "activation_use_clip": self.activation_use_clip,
             "moe_layers": self.moe_layers,

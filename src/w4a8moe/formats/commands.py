@@ -26,7 +26,8 @@ def _inspect_run(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
         return 0
     print(f"checkpoint       {s['path']}")
-    print(f"format           {s['format']}  (model_type {s['model_type']})")
+    spelling = "" if ckpt.quant_method == ckpt.format.default_quant_method else f"quant_method {ckpt.quant_method}, "
+    print(f"format           {s['format']}  ({spelling}model_type {s['model_type']})")
     print(f"activation clip  {'yes (per-expert alpha)' if s['activation_use_clip'] else 'no'}")
     print(f"MoE layers       {len(s['moe_layers'])}: {s['moe_layers']}")
     print(f"experts          {s['num_experts']} routed, top-{s['top_k']}, routing {s['routing']}, "

@@ -8,57 +8,48 @@ from typing import Callable
 
 import torch
 
-from w4a8moe.formats import ascendv1, compressed_tensors
+from w4a8moe.formats.base import FLOAT, W4A8_DYNAMIC, W8A8_DYNAMIC, CheckpointFormat
 from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS, MoEModelConfig
+from w4a8moe.formats.registry import get_format
 from w4a8moe.formats.safetensors_io import ShardedSafetensorsWriter, atomic_write_json
-from w4a8moe.formats.schema import (
-    ASCENDV1,
-    COMPRESSED_TENSORS,
-    FORMATS,
-    expert_projection_tensors,
-    w8a8_linear_tensors,
-)
 from w4a8moe.quant import quantize_int8_per_channel
 
 
 def moe_layer_tensors(
-    fmt: str, model_config: MoEModelConfig, layer: int, q: QuantizedMoELayer, with_alpha: bool
+    fmt: str | CheckpointFormat, model_config: MoEModelConfig, layer: int, q: QuantizedMoELayer, with_alpha: bool
 ) -> dict[str, tuple[torch.Tensor, str]]:
-    """Every tensor of one quantized MoE block as ``name -> (tensor, AscendV1 type)``."""
+    """Every tensor of one quantized MoE block as ``name -> (tensor, role)`` in format ``fmt``.
+
+    The role is ``FLOAT``, ``W8A8_DYNAMIC`` or ``W4A8_DYNAMIC`` (the AscendV1 type).
+    """
+    fmt = get_format(fmt)
     names = model_config.names
     prefix = names.layer_prefix(layer)
     out: dict[str, tuple[torch.Tensor, str]] = {
-        f"{prefix}.{names.router}.weight": (q.router_weight.to(torch.bfloat16), ascendv1.FLOAT)
+        f"{prefix}.{names.router}.weight": (q.router_weight.to(torch.bfloat16), FLOAT)
     }
     if q.correction_bias is not None:
-        out[f"{prefix}.{names.router}.e_score_correction_bias"] = (q.correction_bias.to(torch.float32), ascendv1.FLOAT)
+        out[f"{prefix}.{names.router}.e_score_correction_bias"] = (q.correction_bias.to(torch.float32), FLOAT)
     for expert in range(q.num_experts):
         for proj in EXPERT_PROJECTIONS:
             base = names.expert_weight(layer, expert, proj)
             alpha = q.alpha[expert] if with_alpha else None
-            tensors = expert_projection_tensors(fmt, proj, q.packed[proj][expert], q.scale[proj][expert], alpha)
+            tensors = fmt.expert_tensors(proj, q.packed[proj][expert], q.scale[proj][expert], alpha)
             for suffix, t in tensors.items():
-                out[f"{base}.{suffix}"] = (t, ascendv1.W4A8)
+                out[f"{base}.{suffix}"] = (t, W4A8_DYNAMIC)
     if q.shared is not None:
         for proj in EXPERT_PROJECTIONS:
             base = names.shared_weight(layer, proj)
             weight, scale = q.shared[proj]
             if scale is None:
-                out[f"{base}.weight"] = (weight.to(torch.bfloat16), ascendv1.FLOAT)
+                out[f"{base}.weight"] = (weight.to(torch.bfloat16), FLOAT)
             else:
-                for suffix, t in w8a8_linear_tensors(fmt, weight, scale).items():
-                    out[f"{base}.{suffix}"] = (t, ascendv1.W8A8_DYNAMIC)
+                for suffix, t in fmt.linear_tensors(weight, scale).items():
+                    out[f"{base}.{suffix}"] = (t, W8A8_DYNAMIC)
         if q.shared_expert_gate is not None:
-            out[f"{prefix}.{names.shared_gate}.weight"] = (q.shared_expert_gate.to(torch.bfloat16), ascendv1.FLOAT)
+            out[f"{prefix}.{names.shared_gate}.weight"] = (q.shared_expert_gate.to(torch.bfloat16), FLOAT)
     return out
-
-
-def _ignore_entry(name: str) -> str | None:
-    """The compressed-tensors ``ignore`` entry for a float 2-D weight, if it is a Linear."""
-    if not name.endswith(".weight") or "embed_tokens" in name or "norm" in name:
-        return None
-    return name[: -len(".weight")]
 
 
 class CheckpointWriter:
@@ -66,32 +57,25 @@ class CheckpointWriter:
 
     Tensors go to atomically written shards as they come (``max_shard_bytes`` bounds what is
     held); :meth:`finish` writes the index, ``config.json`` (with ``quantization_config`` for
-    compressed-tensors) or the AscendV1 description, and copies the non-weight files. The
-    AscendV1 type and the compressed-tensors ``ignore`` entry of every tensor are recorded
-    as it is added, so a converter can persist them (``types``, ``ignore``) and :meth:`restore`
-    them when it resumes after the shards already written. ``on_flush(file, names)`` is called
+    compressed-tensors) or the AscendV1 description, and copies the non-weight files. What
+    the format's metadata needs of every tensor (the AscendV1 type; the compressed-tensors
+    ``ignore`` entry) is recorded by the format as the tensor is added, so a converter can
+    persist it (``types``, ``ignore``) and :meth:`restore` it when it resumes after the
+    shards already written. ``on_flush(file, names)`` is called
     after each shard is in place.
     """
 
-    def __init__(self, path: str | Path, config: dict, fmt: str = COMPRESSED_TENSORS,
+    def __init__(self, path: str | Path, config: dict, fmt: str | CheckpointFormat = "compressed-tensors",
                  activation_use_clip: bool | None = None, max_shard_bytes: int = 4 << 30,
-                 on_flush: Callable[[str, list[str]], None] | None = None):
-        if fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+                 on_flush: Callable[[str, list[str]], None] | None = None, quant_method: str | None = None):
+        self.fmt = get_format(fmt)
+        self.options = self.fmt.write_options(activation_use_clip, quant_method)
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.model_config = MoEModelConfig.from_dict(config)
-        if fmt == ASCENDV1:
-            if activation_use_clip:
-                raise ValueError("the AscendV1 format has no activation clip; use compressed-tensors")
-            activation_use_clip = False
-        elif activation_use_clip is None:
-            activation_use_clip = True
-        self.fmt = fmt
-        self.activation_use_clip = bool(activation_use_clip)
-        prefix = ascendv1.WEIGHTS_PREFIX if fmt == ASCENDV1 else compressed_tensors.WEIGHTS_PREFIX
-        index = ascendv1.INDEX_FILE if fmt == ASCENDV1 else compressed_tensors.INDEX_FILE
+        self.activation_use_clip = self.options.activation_use_clip
+        prefix, index = self.fmt.weights_prefix, self.fmt.index_file
         self.shards = ShardedSafetensorsWriter(self.path, prefix, index, max_shard_bytes, on_flush=on_flush)
         self.types: dict[str, str] = {}
         self.ignore: list[str] = []
@@ -113,9 +97,7 @@ class CheckpointWriter:
         if name in self._restored:
             return  # already in a shard a previous (resumed) run finished
         self.shards.add(name, tensor)
-        self.types[name] = kind
-        if kind == ascendv1.FLOAT and tensor.dim() == 2 and (entry := _ignore_entry(name)):
-            self.ignore.append(entry)
+        self.fmt.record_tensor(name, tensor, kind, self.types, self.ignore)
 
     def add_moe_layer(self, layer_idx: int, layer: FloatMoELayer | QuantizedMoELayer,
                       shared_format: str = "w8a8") -> None:
@@ -130,12 +112,12 @@ class CheckpointWriter:
         """Quantize a Linear's float ``weight`` (``name`` ends in ``.weight``) to W8A8 dynamic and queue it."""
         wq, s = quantize_int8_per_channel(weight)
         base = name[: -len(".weight")]
-        for suffix, t in w8a8_linear_tensors(self.fmt, wq, s).items():
-            self.add(f"{base}.{suffix}", t, ascendv1.W8A8_DYNAMIC)
+        for suffix, t in self.fmt.linear_tensors(wq, s).items():
+            self.add(f"{base}.{suffix}", t, W8A8_DYNAMIC)
 
     def add_float(self, name: str, tensor: torch.Tensor) -> None:
         """Queue a tensor kept as it is (embeddings, norms, projections kept in bf16, ...)."""
-        self.add(name, tensor, ascendv1.FLOAT)
+        self.add(name, tensor, FLOAT)
 
     def flush(self) -> str | None:
         """Write what is queued as a shard now; return its file name."""
@@ -144,15 +126,8 @@ class CheckpointWriter:
     def finish(self, copy_files: list[Path] | None = None, description_metadata: dict | None = None) -> Path:
         """Flush, write the index and the config (or description), copy ``copy_files``; return the path."""
         self.shards.close()
-        out_config = dict(self.config)
-        out_config.pop("quantization_config", None)
-        if self.fmt == ASCENDV1:
-            metadata = {"producer": "w4a8moe", **(description_metadata or {})}
-            atomic_write_json(self.path / ascendv1.DESCRIPTION_FILE, ascendv1.build_description(self.types, metadata))
-        else:
-            out_config["quantization_config"] = compressed_tensors.build_quantization_config(
-                self.activation_use_clip, self.ignore
-            )
+        out_config = self.fmt.write_metadata(self.path, self.config, self.types, self.ignore, self.options,
+                                             description_metadata)
         atomic_write_json(self.path / "config.json", out_config)
         for src in copy_files or []:
             shutil.copy2(src, self.path / Path(src).name)
@@ -163,25 +138,28 @@ def write_checkpoint(
     path: str | Path,
     config: dict,
     moe_layers: dict[int, FloatMoELayer | QuantizedMoELayer],
-    fmt: str = COMPRESSED_TENSORS,
+    fmt: str | CheckpointFormat = "compressed-tensors",
     other_tensors: dict[str, torch.Tensor] | None = None,
     w8a8_linears: dict[str, torch.Tensor] | None = None,
     shared_format: str = "w8a8",
     activation_use_clip: bool | None = None,
     max_shard_bytes: int = 4 << 30,
     copy_files: list[Path] | None = None,
+    quant_method: str | None = None,
 ) -> Path:
-    """Write a W4A8 checkpoint of format ``fmt`` (``"compressed-tensors"`` or ``"ascendv1"``).
+    """Write a W4A8 checkpoint of format ``fmt`` (``"compressed-tensors"`` or ``"ascendv1"``, or a format object).
 
     ``moe_layers`` maps layer index to a float layer (quantized here, with its weight and
     activation clips) or to an already quantized one. ``other_tensors`` are written as they
     are (embeddings, norms, attention kept in bf16, ...); ``w8a8_linears`` maps a Linear's
     ``weight`` name to its float weight, quantized to W8A8 dynamic. ``activation_use_clip``
     defaults to True for compressed-tensors (alphas written) and is always False for
-    AscendV1, which has no clip. Shards and metadata files are written atomically; the
+    AscendV1, which has no clip. ``quant_method``: the compressed-tensors spelling,
+    ``"compressed-tensors"`` (default) or ``"modelslim"`` (what sglang 0.5.7's NPU path
+    loads); AscendV1 has none. Shards and metadata files are written atomically; the
     index is written last. Returns ``path``.
     """
-    writer = CheckpointWriter(path, config, fmt, activation_use_clip, max_shard_bytes)
+    writer = CheckpointWriter(path, config, fmt, activation_use_clip, max_shard_bytes, quant_method=quant_method)
     for layer_idx in sorted(moe_layers):
         writer.add_moe_layer(layer_idx, moe_layers[layer_idx], shared_format)
     for name, weight in sorted((w8a8_linears or {}).items()):

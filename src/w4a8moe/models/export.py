@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from w4a8moe.formats import FloatMoELayer, MoEModelConfig, write_checkpoint
+from w4a8moe.formats import CheckpointFormat, FloatMoELayer, MoEModelConfig, write_checkpoint
 
 MLA_FLOAT_PROJECTIONS = ("q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 """DeepSeek MLA projections the upstream checkpoints keep in bf16 (SPEC 1); ``q_b_proj`` is W8A8."""
@@ -74,7 +74,7 @@ def export_w4a8_checkpoint(
     model: nn.Module,
     config: dict,
     path: str | Path,
-    fmt: str = "compressed-tensors",
+    fmt: str | CheckpointFormat = "compressed-tensors",
     w8a8_policy: Callable[[str, nn.Module], bool] | None = default_w8a8_policy,
     alpha: dict[int, torch.Tensor] | None = None,
     weight_clip: dict[int, dict[str, torch.Tensor]] | None = None,

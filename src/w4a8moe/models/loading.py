@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from w4a8moe.errors import CheckpointError
-from w4a8moe.formats import ASCENDV1, Checkpoint, open_checkpoint
+from w4a8moe.formats import Checkpoint, open_checkpoint
 from w4a8moe.kernels import ExpertBackend
 from w4a8moe.moe import W4A8MoE, W8A8Linear
 
@@ -173,7 +173,6 @@ def load_model(
         used.update(ckpt.expected_layer_tensors(layer))
 
     # 2. W8A8 linears: an int8 2-D weight outside the MoE blocks.
-    suffixes = ("weight", "weight_scale") + (("weight_offset",) if ckpt.format == ASCENDV1 else ())
     for name, info in infos.items():
         if name in used or not name.endswith(".weight") or info.dtype != torch.int8:
             continue
@@ -188,14 +187,16 @@ def load_model(
                 f"tensor {name!r}: shape {list(info.shape)}, the model's Linear expects "
                 f"[{target.out_features}, {target.in_features}]"
             )
-        for suffix in suffixes:
-            if f"{base}.{suffix}" not in infos:
-                raise CheckpointError(f"missing tensor '{base}.{suffix}' of the W8A8 Linear {base!r}")
+        linear_names = ckpt.format.linear_tensor_specs(base, *info.shape)
+        for tensor_name in linear_names:
+            if tensor_name not in infos:
+                raise CheckpointError(f"missing tensor {tensor_name!r} of the W8A8 Linear {base!r}")
         weight = ckpt.reader.get(name)
         scale = ckpt.reader.get(f"{base}.weight_scale").to(torch.float32).reshape(-1)
-        if ckpt.format == ASCENDV1 and bool((ckpt.reader.get(f"{base}.weight_offset") != 0).any()):
-            raise CheckpointError(f"tensor '{base}.weight_offset': expected all zeros (symmetric W8A8)")
-        used.update(f"{base}.{s}" for s in suffixes)
+        problems = ckpt.format.linear_problems(base, ckpt.reader.get)
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        used.update(linear_names)
         if target.bias is not None:
             bias_name = f"{base}.bias"
             if bias_name not in infos:
