@@ -61,7 +61,7 @@ def open_validated(path: str):
 class W4A8MoEConfig(QuantizationConfig):
     """W4A8 routed experts with the activation clip, W8A8 Linears, the rest unquantized."""
 
-    def __init__(self, fmt: str, apply_alpha: bool = True):
+    def __init__(self, fmt, apply_alpha: bool = True):  # fmt: a w4a8moe.formats.CheckpointFormat
         super().__init__()
         self.fmt = fmt
         self.apply_alpha = apply_alpha

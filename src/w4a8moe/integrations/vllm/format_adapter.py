@@ -1,67 +1,45 @@
-"""Everything the vLLM plugin knows about the two checkpoint formats, in one place.
+"""What marks each W4A8 format in what vLLM hands a quantization config.
 
-What marks each format in what vLLM hands a quantization config, which tensors an expert
-projection and a W8A8 Linear hold, and how scales are decoded: all read from
-:mod:`w4a8moe.formats` (its schema tables and parsers), so that the plugin holds no format
-rule of its own.
+vLLM gives ``override_quantization_method`` / ``from_config`` the checkpoint's
+``config.json:quantization_config`` (compressed-tensors) or the content of
+``quant_model_description.json`` (AscendV1, with ``--quantization w4a8moe``). Everything else
+the plugin needs per format (which tensors an expert projection and a W8A8 Linear hold, how
+scales are decoded) it asks the format objects of :mod:`w4a8moe.formats`.
 """
 
 from __future__ import annotations
 
-import torch
-
 from w4a8moe.errors import CheckpointError
-from w4a8moe.formats import ascendv1, compressed_tensors
-from w4a8moe.formats.schema import ASCENDV1, COMPRESSED_TENSORS, expert_projection_specs, w8a8_linear_specs
-from w4a8moe.quant import decode_scale_uint64
+from w4a8moe.formats import ASCENDV1, COMPRESSED_TENSORS, CheckpointFormat
+from w4a8moe.formats.ascendv1 import DESCRIPTION_FILE
+from w4a8moe.formats.base import W4A8_DYNAMIC
+from w4a8moe.formats.compressed_tensors import MOE_TARGET
 
-__all__ = ["ASCENDV1", "COMPRESSED_TENSORS", "claims_quant_config", "format_of_quant_config",
-           "expert_suffixes", "linear_suffixes", "decode_scale", "DESCRIPTION_FILE"]
-
-DESCRIPTION_FILE = ascendv1.DESCRIPTION_FILE
+__all__ = ["DESCRIPTION_FILE", "claims_quant_config", "format_of_quant_config", "expert_suffixes"]
 
 
 def claims_quant_config(quant_config: dict) -> bool:
     """Whether ``config.json:quantization_config`` is a W4A8 compressed-tensors config: a config
-    group targets ``MoEGMM`` (``quant_method`` either spelling). Only the marker is checked
-    here; the checkpoint is validated in full when the engine opens it."""
-    if not isinstance(quant_config, dict):
-        return False
-    if quant_config.get("quant_method") not in compressed_tensors.ACCEPTED_METHODS:
+    group targets ``MoEGMM`` (any ``quant_method`` spelling the format accepts). Only the
+    marker is checked here; the checkpoint is validated in full when the engine opens it."""
+    if not isinstance(quant_config, dict) or quant_config.get("quant_method") not in COMPRESSED_TENSORS.quant_methods:
         return False
     groups = quant_config.get("config_groups")
-    if not isinstance(groups, dict):
-        return False
-    return any(isinstance(g, dict) and compressed_tensors.MOE_TARGET in (g.get("targets") or [])
-               for g in groups.values())
+    return isinstance(groups, dict) and any(
+        isinstance(g, dict) and MOE_TARGET in (g.get("targets") or []) for g in groups.values())
 
 
-def format_of_quant_config(config: dict) -> str:
-    """The format of what vLLM passes to ``from_config``: the ``quantization_config`` of a
-    compressed-tensors checkpoint, or an AscendV1 ``quant_model_description.json``."""
+def format_of_quant_config(config: dict) -> CheckpointFormat:
+    """The format of what vLLM passes to ``from_config``."""
     if claims_quant_config(config):
         return COMPRESSED_TENSORS
-    if isinstance(config, dict) and ascendv1.W4A8 in config.values():
+    if isinstance(config, dict) and W4A8_DYNAMIC in config.values():
         return ASCENDV1
     raise CheckpointError(
-        "w4a8moe: the quantization config is neither a compressed-tensors config with a "
-        f"{compressed_tensors.MOE_TARGET!r} group nor an AscendV1 {DESCRIPTION_FILE} with "
-        f"{ascendv1.W4A8} tensors"
-    )
+        f"w4a8moe: the quantization config is neither a compressed-tensors config with a {MOE_TARGET!r} group "
+        f"nor an AscendV1 {DESCRIPTION_FILE} with {W4A8_DYNAMIC} tensors")
 
 
-def expert_suffixes(fmt: str, proj: str, with_alpha: bool) -> tuple[str, ...]:
-    """The tensor suffixes one routed expert projection holds in ``fmt``."""
-    return tuple(expert_projection_specs(fmt, proj, 2, 16, 2, with_alpha))
-
-
-def linear_suffixes(fmt: str) -> tuple[str, ...]:
-    """The tensor suffixes a W8A8 Linear holds in ``fmt``."""
-    return tuple(w8a8_linear_specs(fmt, 2, 2))
-
-
-def decode_scale(t: torch.Tensor) -> torch.Tensor:
-    """A stored per-channel scale as fp32 ``[N]`` (uint64 scales hold fp32 bits)."""
-    if t.dtype == torch.uint64:
-        t = decode_scale_uint64(t)
-    return t.to(torch.float32).reshape(-1)
+def expert_suffixes(fmt: CheckpointFormat, proj: str, with_alpha: bool) -> tuple[str, ...]:
+    """The tensor suffixes one routed expert projection holds in ``fmt`` (shapes do not matter)."""
+    return tuple(fmt.expert_specs(proj, 2, 16, 2, with_alpha))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from w4a8moe.errors import CheckpointError
-from w4a8moe.integrations.vllm import format_adapter, ops
+from w4a8moe.integrations.vllm import ops
 from w4a8moe.kernels import get_backend
 
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear, RowParallelLinear
@@ -37,7 +37,7 @@ class W8A8LinearMethod(LinearMethodBase):
         params = {"weight": ModelWeightParameter(
             data=torch.empty(n, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
             weight_loader=self._recording(weight_loader, "weight"))}
-        for suffix in format_adapter.linear_suffixes(self.fmt):
+        for suffix in self.fmt.linear_specs(2, 2):
             if suffix != "weight":
                 # fp32 explicitly: parameters without a dtype become the model's bf16.
                 params[suffix] = ChannelQuantScaleParameter(
@@ -52,7 +52,7 @@ class W8A8LinearMethod(LinearMethodBase):
             shard = args[0] if args else kwargs.get("loaded_shard_id")
             self.received.add((suffix, shard))
             if suffix == "weight_scale" and loaded_weight.dtype == torch.uint64:
-                loaded_weight = format_adapter.decode_scale(loaded_weight).reshape(-1, 1)
+                loaded_weight = self.fmt.decode_scale(loaded_weight).reshape(-1, 1)
             return weight_loader(param, loaded_weight, *args, **kwargs)
         return load
 
@@ -65,7 +65,7 @@ class W8A8LinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         missing = [f"{name}.{suffix}" for shard, name in self._expected_shards(layer)
-                   for suffix in format_adapter.linear_suffixes(self.fmt) if (suffix, shard) not in self.received]
+                   for suffix in self.fmt.linear_specs(2, 2) if (suffix, shard) not in self.received]
         if missing:
             raise CheckpointError(f"{self.quant_config.checkpoint.path}: vLLM loaded no value for "
                                   + ", ".join(repr(m) for m in missing))

@@ -99,7 +99,10 @@ class W4A8MoEMethod(FusedMoEMethodBase):
             param.data[local] = t.to(torch.float32).reshape(())
             return
         if suffix == "weight_scale":
-            s = format_adapter.decode_scale(t)
+            try:
+                s = self.fmt.decode_scale(t)
+            except ValueError as exc:
+                raise CheckpointError(f"tensor {name!r}: {exc}") from exc
             n = hidden if proj == "down" else inter * tp_size
             if s.numel() != n:
                 raise CheckpointError(f"tensor {name!r}: expected {n} scales, found {list(t.shape)}")
