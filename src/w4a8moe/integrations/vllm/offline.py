@@ -48,6 +48,7 @@ def _main(spec_path: str, out_path: str) -> None:
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, seed=0, **spec.get("llm", {}))
     result: dict = {"startup_s": time.perf_counter() - start}
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=1, detokenize=False,
+                            ignore_eos=True,
                             prompt_logprobs=1 if spec.get("prompt_logprobs") else None)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
     records = []
@@ -63,7 +64,7 @@ def _main(spec_path: str, out_path: str) -> None:
     timings = {}
     for batch in spec.get("timed_batches", []):
         n_new = spec.get("timed_tokens", 32)
-        timed = SamplingParams(temperature=0.0, max_tokens=n_new, min_tokens=n_new, detokenize=False)
+        timed = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=spec["prompts"][i % len(spec["prompts"])]) for i in range(batch)]
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, detokenize=False), use_tqdm=False)
         t0 = time.perf_counter()
