@@ -33,9 +33,13 @@ def run_in_child(spec: dict, workdir: str | Path, timeout: float = 900, python: 
     env = {**os.environ, **DEFAULT_ENV, **{k: str(v) for k, v in spec.get("env", {}).items()}}
     proc = subprocess.run([python or sys.executable, "-m", "w4a8moe.integrations.vllm.offline", str(spec_path),
                            str(out_path)], env=env, capture_output=True, text=True, timeout=timeout)
-    (workdir / "log.txt").write_text(proc.stdout + proc.stderr)
+    log = proc.stdout + proc.stderr
+    (workdir / "log.txt").write_text(log)
     if proc.returncode != 0 or not out_path.exists():
-        raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+        # The cause (e.g. a CheckpointError naming the tensor) sits above vLLM's shutdown noise.
+        causes = [line for line in log.splitlines() if "Error" in line or "tensor '" in line][:40]
+        raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n" + "\n".join(causes)
+                           + f"\n... log tail:\n{log[-3000:]}")
     return json.loads(out_path.read_text())
 
 
