@@ -6,14 +6,14 @@ with the checkpoint's quantization set and CPU-friendly defaults: a 1 GiB KV cac
 (``VLLM_CPU_KVCACHE_SPACE``; vLLM otherwise claims most of RAM), OpenMP threads bound
 per rank for ``--tensor-parallel-size`` (``VLLM_CPU_OMP_THREADS_BIND``), and
 ``--skip-tokenizer-init`` for folders without tokenizer files (requests then send token ids).
-Arguments after ``--`` go to vLLM unchanged.
+``--vllm-args "..."`` passes more arguments to vLLM unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache size (default: $VLLM_CPU_KVCACHE_SPACE, else 1)")
     parser.add_argument("--no-alpha", action="store_true", help="ignore the activation clips (as upstream sglang)")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments passed to vLLM")
+    parser.add_argument("--vllm-args", default="", help="more arguments for vLLM, one string (e.g. \"--seed 3\")")
 
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -60,14 +60,12 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
         cmd.append("--enforce-eager")
     if not has_tokenizer_files(ckpt.path):
         cmd.append("--skip-tokenizer-init")
-    extra = list(args.vllm_args or [])
-    if extra and extra[0] == "--":
-        extra = extra[1:]
-    return cmd + extra, env
+    return cmd + shlex.split(args.vllm_args or ""), env
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the server in the foreground; returns its exit code."""
+    """Become the server (exec, so that signals reach vLLM itself); returns only on failure."""
     cmd, env = server_command(args)
-    print(" ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    print(" ".join(cmd), file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, env)
+    return 1
