@@ -18,6 +18,7 @@ _COMMANDS = {
     "convert": ("w4a8moe.convert.command", None, "convert a Hugging Face MoE checkpoint to W4A8"),
     "generate": ("w4a8moe.models.command", "generate", "generate text with a W4A8 checkpoint"),
     "eval": ("w4a8moe.eval.command", None, "compare checkpoints' accuracy against the source model"),
+    "serve": ("w4a8moe.integrations.vllm.serve", None, "serve a checkpoint with vLLM's OpenAI-compatible server"),
 }
 
 

@@ -79,6 +79,28 @@ class ExpertBackend(Protocol):
         ``row_weights`` fp32 ``[R]`` is row ``r``'s routing weight.
         """
 
+    def gate_up_rows(
+        self,
+        prepared: object,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        token_ids: torch.Tensor,
+        expert_offsets: torch.Tensor,
+    ) -> torch.Tensor:
+        """GMM1 alone: bf16 ``[R, 2I]``, row ``r`` = ``scaled_int_matmul`` of token
+        ``token_ids[r]`` with its expert's ``w13`` (the bits :meth:`grouped_forward` uses).
+
+        With :meth:`down_rows_int32` it is the expert path split at the clip, for
+        tensor-parallel ranks that must agree on each row's max first (SPEC 7b).
+        """
+
+    def down_rows_int32(self, prepared: object, h_q: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        """GMM2's exact accumulation: int32 ``[R, H]``, row ``r`` = ``h_q[r] @ q_w2[e]^T`` for the
+        expert ``e`` of row ``r`` (scales not applied, so that ranks can sum partial results)."""
+
+    def int8_linear_int32(self, prepared: object, x_q: torch.Tensor) -> torch.Tensor:
+        """A prepared W8A8 Linear's exact accumulation: int32 ``[M, N]`` = ``x_q @ W^T``."""
+
     def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bit-identical to :func:`w4a8moe.quant.dynamic_quant_per_token` of ``x`` ``[M, K]``."""
 

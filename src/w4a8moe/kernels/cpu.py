@@ -635,6 +635,41 @@ class CpuBackend:
                                            int(out_dtype == torch.bfloat16), _ptr(out), self.num_threads)
         return out
 
+    def gate_up_rows(self, prepared: CpuPreparedExperts, x_q: torch.Tensor, x_scale: torch.Tensor,
+                     token_ids: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        """GMM1 alone, one kernel GEMM per non-empty expert (see
+        :meth:`w4a8moe.kernels.base.ExpertBackend.gate_up_rows`)."""
+        n, k = 2 * prepared.intermediate_size, prepared.hidden_size
+        out = torch.empty((token_ids.shape[0], n), dtype=torch.bfloat16)
+        offsets = expert_offsets.tolist()
+        xs = x_scale.to(torch.float32).reshape(-1, 1)
+        for e in range(prepared.num_experts):
+            start, end = offsets[e], offsets[e + 1]
+            if start < end:
+                rows = token_ids[start:end]
+                out[start:end] = self._gemm(prepared.w13[e], n, k, x_q[rows], xs[rows], prepared.w13_scale[e],
+                                            int8_weights=False)
+        return out
+
+    def down_rows_int32(self, prepared: CpuPreparedExperts, h_q: torch.Tensor,
+                        expert_offsets: torch.Tensor) -> torch.Tensor:
+        """GMM2's exact int32 accumulation, one kernel GEMM per non-empty expert."""
+        n, k = prepared.hidden_size, prepared.intermediate_size
+        out = torch.empty((h_q.shape[0], n), dtype=torch.int32)
+        offsets = expert_offsets.tolist()
+        for e in range(prepared.num_experts):
+            start, end = offsets[e], offsets[e + 1]
+            if start < end:
+                out[start:end] = self._gemm(prepared.w2[e], n, k, h_q[start:end], None, None, int8_weights=False)
+        return out
+
+    def int8_linear_int32(self, prepared: CpuInt8Linear, x_q: torch.Tensor) -> torch.Tensor:
+        """Exact int32 ``x_q @ W^T`` of a prepared W8A8 Linear."""
+        n, k = prepared.out_features, prepared.in_features
+        if k * 128 * 128 >= 2**31:
+            return int8_matmul_int32(x_q, prepared.weight)
+        return self._gemm(prepared.layout, n, k, x_q, None, None, int8_weights=True)
+
     def swiglu_clip_quant(self, gate_up: torch.Tensor, alpha: float = 1.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The kernel's SwiGLU-clip-quant step alone (a test entry) for the rows of one expert.

@@ -61,6 +61,31 @@ class ReferenceBackend:
         rows = self.grouped_forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha)
         return combine_rows(rows, token_ids, row_weights, x_q.shape[0])
 
+    def gate_up_rows(self, prepared: PackedExpertWeights, x_q: torch.Tensor, x_scale: torch.Tensor,
+                     token_ids: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((token_ids.shape[0], 2 * prepared.intermediate_size), dtype=torch.bfloat16)
+        offsets = expert_offsets.tolist()
+        for e in range(prepared.num_experts):
+            start, end = offsets[e], offsets[e + 1]
+            if start < end:
+                rows = token_ids[start:end]
+                out[start:end] = scaled_int_matmul(x_q[rows], x_scale[rows], unpack_int4_pairs(prepared.w13[e]),
+                                                   prepared.w13_scale[e])
+        return out
+
+    def down_rows_int32(self, prepared: PackedExpertWeights, h_q: torch.Tensor,
+                        expert_offsets: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((h_q.shape[0], prepared.hidden_size), dtype=torch.int32)
+        offsets = expert_offsets.tolist()
+        for e in range(prepared.num_experts):
+            start, end = offsets[e], offsets[e + 1]
+            if start < end:
+                out[start:end] = int8_matmul_int32(h_q[start:end], unpack_int4_pairs(prepared.w2[e]))
+        return out
+
+    def int8_linear_int32(self, prepared: tuple[torch.Tensor, torch.Tensor], x_q: torch.Tensor) -> torch.Tensor:
+        return int8_matmul_int32(x_q, prepared[0])
+
     def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dynamic_quant_per_token(x)
 

@@ -19,6 +19,7 @@ from w4a8moe.quant.weights import (
 )
 from w4a8moe.quant.activations import (
     INT8_MAX,
+    clip_quant_rows,
     dynamic_quant_per_token,
     silu_and_mul,
     silu_mul_fp32,
@@ -46,6 +47,7 @@ __all__ = [
     "dynamic_quant_per_token",
     "silu_mul_fp32",
     "silu_and_mul",
+    "clip_quant_rows",
     "swiglu_fp32",
     "swiglu_clip_quant",
     "int8_matmul_int32",

@@ -18,15 +18,19 @@ def _quant_rows(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torc
     return q.round_().clamp_(-128, 127).to(torch.int8), scale
 
 
-def dynamic_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_quant_per_token(x: torch.Tensor, row_max: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: ``a_m = max_k |x[m,k]| / 127``, ``x_q = round(x / a_m)``.
 
     Computed in fp32 whatever the input dtype. Returns ``(x_q int8 [M, K], a fp32 [M, 1])``.
+    ``row_max`` fp32 ``[M, 1]`` replaces ``max_k |x[m, k]|`` when ``x`` holds only some of a
+    row's columns (a tensor-parallel rank's share, SPEC 7b): the max over the whole row.
     """
     xf = x.to(torch.float32)
     if xf.shape[0] == 0:
         return xf.to(torch.int8), xf.new_zeros((0, 1))
-    return _quant_rows(xf, xf.abs().amax(dim=-1, keepdim=True))
+    amax = xf.abs().amax(dim=-1, keepdim=True) if row_max is None else row_max.to(torch.float32).reshape(-1, 1)
+    return _quant_rows(xf, amax)
 
 
 def silu_mul_fp32(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,9 +66,22 @@ def swiglu_clip_quant(
     h = swiglu_fp32(gate_up)
     if h.shape[0] == 0:
         return h.to(torch.int8), h.new_zeros((0, 1))
+    return clip_quant_rows(h, alpha, h.abs().amax(dim=-1, keepdim=True))
+
+
+def clip_quant_rows(h: torch.Tensor, alpha: torch.Tensor | float, row_max: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip and quantization of :func:`swiglu_clip_quant` for fp32 ``h`` ``[M, J]`` given
+    ``row_max`` fp32 ``[M, 1]`` = ``max_j |h[m, j]|`` over the whole row.
+
+    A tensor-parallel rank holds ``J = I / tp`` columns of ``h``; with the max over all ``I``
+    (agreed between ranks, SPEC 7b) it gets exactly the unsplit ``h_q`` columns and ``c_m``.
+    """
+    if h.shape[0] == 0:
+        return h.to(torch.int8), h.new_zeros((0, 1))
     alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=h.device)
     if alpha_t.dim() == 1:
         alpha_t = alpha_t.unsqueeze(-1)
-    bound = alpha_t * h.abs().amax(dim=-1, keepdim=True)
+    bound = alpha_t * row_max.to(torch.float32).reshape(-1, 1)
     h_clipped = torch.minimum(torch.maximum(h, -bound), bound)
     return _quant_rows(h_clipped, bound)
