@@ -245,6 +245,16 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     return removed
 
 
+def owned_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, contiguous and alone in its storage (copied when it is a view of a larger block).
+
+    A queued tensor that is a slice of a bigger block (a row of a layer-sized stack, a
+    memory-mapped shard) would keep all of that block alive until its shard is written.
+    """
+    t = t.detach().cpu().contiguous()
+    return t if t.untyped_storage().nbytes() == tensor_nbytes(t) else t.clone()
+
+
 def tensor_nbytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's data."""
     return t.numel() * t.element_size()
@@ -294,7 +304,7 @@ class ShardedSafetensorsWriter:
         size = tensor_nbytes(tensor)
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self.flush()
-        self._pending[name] = tensor.detach().cpu()
+        self._pending[name] = owned_tensor(tensor)
         self._pending_bytes += size
 
     def flush(self) -> str | None:

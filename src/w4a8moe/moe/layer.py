@@ -83,6 +83,25 @@ class SharedExpert(nn.Module):
         return out
 
 
+def shared_expert_from_quantized(shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None,
+                                 gate_weight: torch.Tensor | None = None) -> SharedExpert | None:
+    """The shared expert of a :class:`QuantizedMoELayer` (``shared[p]`` is ``(weight, scale)``:
+    W8A8, or a bf16 Linear where ``scale`` is ``None``) as a module; ``None`` without one."""
+    if shared is None:
+        return None
+    projections = []
+    for proj in ("gate", "up", "down"):
+        weight, scale = shared[proj]
+        if scale is None:
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
+            linear.weight.data.copy_(weight)
+            linear.requires_grad_(False)
+            projections.append(linear)
+        else:
+            projections.append(W8A8Linear(weight, scale))
+    return SharedExpert(*projections, gate_weight=gate_weight)
+
+
 class W4A8MoE(nn.Module):
     """A MoE block with W4A8 routed experts and the learned activation clip of SPEC 1-3.
 
@@ -127,19 +146,7 @@ class W4A8MoE(nn.Module):
             w2_scale=layer.scale["down"],
             alpha=layer.alpha,
         )
-        shared = None
-        if layer.shared is not None:
-            projections = []
-            for proj in ("gate", "up", "down"):
-                weight, scale = layer.shared[proj]
-                if scale is None:
-                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
-                    linear.weight.data.copy_(weight)
-                    linear.requires_grad_(False)
-                    projections.append(linear)
-                else:
-                    projections.append(W8A8Linear(weight, scale))
-            shared = SharedExpert(*projections, gate_weight=layer.shared_expert_gate)
+        shared = shared_expert_from_quantized(layer.shared, layer.shared_expert_gate)
         return cls(layer.router_weight, routing, experts, layer.correction_bias, shared, apply_alpha, backend,
                    keep_packed)
 
