@@ -340,9 +340,7 @@ def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: Checkpo
     next_hidden = None
     acts = None
     if learn and layer is not None and layer < mc.num_hidden_layers:
-        module = runner.build_layer(layer)
-        next_hidden, acts = runner.run(module, hidden, capture_moe=is_w4a8)
-        del module
+        next_hidden, acts = runner.run_layer(layer, hidden, capture_moe=is_w4a8)
     elif learn and layer is not None:
         entry["note"] = "beyond num_hidden_layers (e.g. an MTP layer): not run on calibration data, clips stay 1"
 
