@@ -223,10 +223,39 @@ def test_rtn_output_bytes_equal_the_whole_layer_algorithm(tmp_path, src_kind, fm
     assert got == expected_map
 
 
-def test_verify_releases_the_shards_it_checked(tmp_path):
+def test_verify_releases_the_shards_it_checked(tmp_path, monkeypatch):
+    from w4a8moe.formats import checkpoint as checkpoint_module
+    from w4a8moe.formats.safetensors_io import ShardedSafetensorsReader
+
     src = make_hf_checkpoint(tiny_config("deepseek_v3"), tmp_path / "src", seed=0)
     dst = tmp_path / "out"
     convert(src, dst, learn=False, progress=False, max_shard_bytes=50_000)
+    # Mapped bytes between two releases: at most one expert inside MoE blocks, about the
+    # release threshold outside them.
+    monkeypatch.setattr(checkpoint_module, "_RELEASE_BYTES", 20_000)
+    held = {"now": 0, "max": 0}
+    get, close = ShardedSafetensorsReader.get, ShardedSafetensorsReader.close
+
+    def spy_get(self, name):
+        t = get(self, name)
+        held["now"] += t.numel() * t.element_size()
+        held["max"] = max(held["max"], held["now"])
+        return t
+
+    def spy_close(self):
+        held["now"] = 0
+        close(self)
+
+    monkeypatch.setattr(ShardedSafetensorsReader, "get", spy_get)
+    monkeypatch.setattr(ShardedSafetensorsReader, "close", spy_close)
     ckpt = open_checkpoint(dst)
     assert len(set(i.file for i in ckpt.reader.infos.values())) > 2
-    assert ckpt.reader._handles == {}
+    mc = ckpt.model_config
+    expert_bytes = sum(ckpt.reader.infos[n].dtype.itemsize * torch.Size(ckpt.reader.infos[n].shape).numel()
+                       for n in ckpt.reader.infos if ".experts.0." in n and n.startswith("model.layers.1."))
+    largest = max(ckpt.reader.infos[n].dtype.itemsize * torch.Size(ckpt.reader.infos[n].shape).numel()
+                  for n in ckpt.reader.infos)
+    assert held["max"] <= max(expert_bytes, 20_000 + largest), (held, expert_bytes)
+    assert held["max"] < ckpt.reader.nbytes() / 4
+    # The loaded layer API still holds the whole layer.
+    assert ckpt.load_moe_layer_tensors(1).packed["gate"].shape[0] == mc.num_experts
