@@ -21,9 +21,10 @@ Each conversion runs in its own process; on Linux its peak RSS is reset after th
 (``/proc/self/clear_refs``) and read back (``VmHWM``) after the conversion, and the RSS after
 imports is subtracted to show what the conversion itself holds (elsewhere ``ru_maxrss``). The
 "data" column is the size-dependent part of the converter's documented working set:
-``2 x max_shard_bytes`` (queued output shard + its serialisation) + ``2 x`` the largest
-decoder layer's source tensors in the model dtype (the transformers layer + the tensors being
-quantized) + ``4 x`` the calibration hidden states (layer input/output, MoE input/output).
+``max_shard_bytes`` (the queued output shard; ``save_file`` writes it without a copy) + ``2 x``
+the largest decoder layer's source tensors in the model dtype (an upper bound on the layer's
+parts outside the routed experts plus the tensor being quantized) + ``4 x`` the calibration
+hidden states (layer input/output, MoE input/output).
 """
 
 from __future__ import annotations
@@ -174,14 +175,14 @@ def bench_throughput(quick: bool, threads: int) -> None:
             if "RTN" in label:
                 rtn_speed[kind] = speed
             hidden = m["calibration_hidden_bytes"]
-            bound = 2 * m["max_shard_bytes"] + 2 * layer_bytes + 4 * hidden
+            bound = m["max_shard_bytes"] + 2 * layer_bytes + 4 * hidden
             mib = 2**20
             print(f"{label:24} {t['source_bytes'] / 1e6:7.1f} {t['seconds']:7.2f} {speed:8.2f} "
                   f"{speed / rtn_speed[kind]:6.3f}x {m['peak_rss_bytes'] / mib:8.0f}M "
                   f"{(m['peak_rss_bytes'] - r['baseline_rss_bytes']) / mib:7.0f}M {bound / mib:7.0f}M "
                   f"{m['largest_source_shard_bytes'] / mib:12.1f}M")
         print(f"\n'- base': peak RSS minus the process's RSS after imports; 'data': the data terms of the "
-              f"bound, 2 x max_shard_bytes ({max_out / 1e6:.0f} MB) + 2 x largest layer in bf16 "
+              f"bound, max_shard_bytes ({max_out / 1e6:.0f} MB) + 2 x largest layer in bf16 "
               f"({layer_bytes / 2**20:.1f} MiB) + 4 x calibration hidden states; the rest of '- base' is "
               f"size-independent (lazily initialised torch/transformers state, mapped source pages).")
 
