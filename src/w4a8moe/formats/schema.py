@@ -13,9 +13,7 @@ import torch
 from w4a8moe.quant import (
     KERNEL_BIAS_CHUNKS,
     encode_scale_uint64,
-    kernel_bias,
-    kernel_bias_chunks,
-    unpack_int4_pairs,
+    kernel_bias_packed,
 )
 
 ASCENDV1 = "ascendv1"
@@ -67,32 +65,6 @@ def w8a8_linear_specs(fmt: str, n: int, k: int) -> dict[str, TensorSpec]:
     return specs
 
 
-_BIAS_ROW_BLOCK_BYTES = 1 << 20
-"""Bytes of int4 values unpacked at a time for the kernel bias (see :func:`expert_projection_tensors`)."""
-
-
-def _projection_bias(packed: torch.Tensor, scale: torch.Tensor, chunks: int | None) -> torch.Tensor:
-    """The kernel bias of a packed projection, unpacked a block of rows at a time.
-
-    Unpacking a whole 7168 x 2048 projection makes 15 MB of int8 and 117 MB of int64
-    temporaries per projection; those mid-size blocks, freed between the small outputs that
-    stay queued, fragmented the heap by gigabytes over a layer of experts. Blocks of about
-    1 MB are reused from one to the next. Every output row is the same expression on the same
-    integers as :func:`kernel_bias` / :func:`kernel_bias_chunks` of the whole tensor, so the
-    bits are identical.
-    """
-    half, k = packed.shape
-    n = 2 * half
-    out = torch.empty((n, chunks) if chunks else (n,), dtype=torch.float32)
-    rows = max(1, _BIAS_ROW_BLOCK_BYTES // (16 * max(k, 1)))  # packed rows per block (int64 q: 16 B/packed byte)
-    for start in range(0, half, rows):
-        end = min(half, start + rows)
-        q = unpack_int4_pairs(packed[start:end])
-        s = scale[2 * start : 2 * end]
-        out[2 * start : 2 * end] = kernel_bias_chunks(q, s, chunks) if chunks else kernel_bias(q, s)
-    return out
-
-
 def expert_projection_tensors(
     fmt: str, proj: str, packed: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
@@ -108,12 +80,12 @@ def expert_projection_tensors(
         out["weight_scale"] = scale.reshape(n, 1).clone()
         out["weight_offset"] = torch.zeros(n, 1, dtype=torch.float32)
         if proj == "down":
-            out["scale_bias"] = _projection_bias(packed, scale, KERNEL_BIAS_CHUNKS)
+            out["scale_bias"] = kernel_bias_packed(packed, scale, KERNEL_BIAS_CHUNKS)
         else:
-            out["scale_bias"] = _projection_bias(packed, scale, None).reshape(n, 1)
+            out["scale_bias"] = kernel_bias_packed(packed, scale).reshape(n, 1)
     else:
         out["weight_scale"] = encode_scale_uint64(scale.reshape(n, 1))
-        out["bias"] = _projection_bias(packed, scale, None)
+        out["bias"] = kernel_bias_packed(packed, scale)
         if proj == "down" and alpha is not None:
             out["alpha"] = alpha.to(torch.float32).reshape(()).clone()
     return out

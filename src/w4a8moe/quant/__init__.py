@@ -12,6 +12,7 @@ from w4a8moe.quant.weights import (
     dequantize_per_channel,
     kernel_bias,
     kernel_bias_chunks,
+    kernel_bias_packed,
     quantize_int4_per_channel,
     quantize_int8_per_channel,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "dequantize_per_channel",
     "kernel_bias",
     "kernel_bias_chunks",
+    "kernel_bias_packed",
     "dynamic_quant_per_token",
     "swiglu_fp32",
     "swiglu_clip_quant",
