@@ -10,7 +10,7 @@
 ``--scale``: sources of DeepSeek-V3's real layer dimensions (hidden 7168, expert intermediate
 2048, dense intermediate 18432, the real MLA sizes, 128 heads; one dense and one MoE layer; a
 512-token vocabulary) with a configurable number of routed experts, bf16 and block-FP8,
-written tensor by tensor under ``--tmp`` (16 experts: 2.9 GB bf16; 64: 7.1 GB) and deleted
+written tensor by tensor under ``--tmp`` (16 experts: 3.1 GB bf16; 64: 7.3 GB) and deleted
 after their runs. Each conversion runs in its own process, sampled every 20 ms from outside
 for its resident (VmRSS, VmHWM) and anonymous (RssAnon) memory. The table gives seconds per
 expert, source MB/s, and peak memory against one expert's and one layer's source bytes; the
