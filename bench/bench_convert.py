@@ -11,7 +11,7 @@
 2048, dense intermediate 18432, the real MLA sizes, 128 heads; one dense and one MoE layer; a
 512-token vocabulary) with a configurable number of routed experts, bf16 and block-FP8,
 written tensor by tensor under ``--tmp`` (16 experts: 3.1 GB bf16; 64: 7.3 GB) and deleted
-after their runs. Each conversion runs in its own process, sampled every 20 ms from outside
+after their runs. Each conversion runs in its own process, sampled every 5 ms from outside
 for its resident (VmRSS, VmHWM) and anonymous (RssAnon) memory. The table gives seconds per
 expert, source MB/s, and peak memory against one expert's and one layer's source bytes; the
 marginal cost per expert (the slope between two expert counts) is extrapolated to
@@ -103,7 +103,7 @@ def _run(src: Path, dst: Path, **kwargs) -> dict:
         peak_anon = 0
         while proc.poll() is None:
             peak_anon = max(peak_anon, _proc_status(proc.pid).get("RssAnon", 0))
-            time.sleep(0.02)
+            time.sleep(0.005)
         out.seek(0)
         err.seek(0)
         if proc.returncode:
@@ -227,7 +227,7 @@ def scale_config(experts: int) -> dict:
     what is measured). Routing keeps top-8 of 8 groups (top-4 groups) where the count allows."""
     from w4a8moe.models import tiny_config
 
-    n_group = min(8, experts)
+    n_group = min(8, max(1, experts // 2))  # transformers' router takes the top 2 of each group
     while experts % n_group:
         n_group -= 1
     topk_group = max(1, min(4, n_group // 2))
