@@ -142,6 +142,21 @@ def test_kernel_bias_full_and_chunks_match_reference():
         kernel_bias_chunks(q[:, :60], s, 16)
 
 
+@pytest.mark.parametrize("n,k", [(2, 16), (6, 48), (300, 4096), (4100, 32)])
+def test_kernel_bias_packed_has_the_bits_of_the_whole_tensor(n, k, monkeypatch):
+    import w4a8moe.quant.weights as weights
+
+    monkeypatch.setattr(weights, "_BIAS_BLOCK_BYTES", 4096)  # many blocks, a ragged last one
+    w = torch.randn(n, k) * torch.logspace(-3, 3, n).reshape(n, 1)
+    w[0] = 0.0
+    w[-1, 0] = 1e4  # an outlier
+    q, s = quantize_int4_per_channel(w)
+    packed = pack_int4_pairs(q)
+    assert torch.equal(weights.kernel_bias_packed(packed, s).view(torch.int32), kernel_bias(q, s).view(torch.int32))
+    assert torch.equal(weights.kernel_bias_packed(packed, s, 16).view(torch.int32),
+                       kernel_bias_chunks(q, s, 16).view(torch.int32))
+
+
 # ---------------------------------------------------------------- activations
 @pytest.mark.parametrize("m,k", [(1, 1), (1, 7168 // 64), (13, 33), (64, 256)])
 def test_dynamic_quant_per_token_matches_reference(m, k):

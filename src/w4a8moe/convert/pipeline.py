@@ -25,6 +25,7 @@ from w4a8moe.calibrate import ClipSearchSettings, ExpertClips, ExpertWeights, le
 from w4a8moe.calibrate.products import IntProducts
 from w4a8moe.convert.distributed import ClipsOf, ExpertSplit, LearnOne
 from w4a8moe.convert.policy import DEFAULT_KEEP_BF16, W8A8, LayerPolicy
+from w4a8moe.convert.moe_error import StreamedMoEOutput
 from w4a8moe.convert.progress import ProgressManifest
 from w4a8moe.convert.runner import LayerRunner
 from w4a8moe.convert.source import SourceCheckpoint
@@ -32,12 +33,12 @@ from w4a8moe.data import ByteTokenizer, load_text, load_user_text, token_batches
 from w4a8moe.errors import CheckpointError, ConversionError
 from w4a8moe.formats import open_checkpoint
 from w4a8moe.formats.base import CheckpointFormat
-from w4a8moe.formats.layer_tensors import FloatMoELayer, QuantizedMoELayer, quantize_moe_layer
+from w4a8moe.formats.layer_tensors import FloatMoELayer, quantize_moe_layer
 from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
 from w4a8moe.formats.safetensors_io import atomic_write_json
 from w4a8moe.formats.registry import get_format
-from w4a8moe.formats.writer import CheckpointWriter, moe_layer_tensors
-from w4a8moe.moe import W4A8MoE, select_experts
+from w4a8moe.formats.writer import CheckpointWriter, moe_expert_tensors, moe_router_tensors, moe_shared_tensors
+from w4a8moe.moe import select_experts
 from w4a8moe.quant import pack_int4_pairs, quantize_int8_per_channel
 
 REPORT_FILE = "conversion_report.json"
@@ -46,7 +47,6 @@ CONVERTER_VERSION = 1
 DEFAULT_CALIB_SEQUENCES = 32
 DEFAULT_CALIB_SEQ_LEN = 256
 HEAD_UNIT = "non_layer"
-EVAL_BACKEND = "reference"
 
 
 def _peak_rss_bytes() -> int:
@@ -421,9 +421,7 @@ def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: Checkpo
     next_hidden = None
     acts = None
     if learn and layer is not None and layer < mc.num_hidden_layers:
-        module = runner.build_layer(layer)
-        next_hidden, acts = runner.run(module, hidden, capture_moe=is_w4a8)
-        del module
+        next_hidden, acts = runner.run_layer(layer, hidden, capture_moe=is_w4a8)
     elif learn and layer is not None:
         entry["note"] = "beyond num_hidden_layers (e.g. an MTP layer): not run on calibration data, clips stay 1"
 
@@ -431,8 +429,6 @@ def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: Checkpo
     if is_w4a8:
         block_prefix = names.layer_prefix(layer) + "."
         block_names = {n for n in unit_names if n.startswith(block_prefix)}
-        q_layer, moe_entry = _quantize_moe_layer(source, policy, layer, acts if learn else None, learn_layer, progress)
-        tensors = moe_layer_tensors(fmt, mc, layer, q_layer, writer.activation_use_clip)
         consumed = _consumed_block_names(source, layer)
         unexpected = sorted(block_names - consumed)
         if unexpected:
@@ -440,9 +436,8 @@ def _convert_unit(source: SourceCheckpoint, policy: LayerPolicy, writer: Checkpo
                 f"source tensor {unexpected[0]!r} sits in MoE block of layer {layer} but is not part of the "
                 f"{mc.model_type} MoE layout (router, experts, shared expert); a validated W4A8 checkpoint cannot hold it"
             )
-        for name, (tensor, kind) in tensors.items():
-            writer.add(name, tensor, kind)
-        entry["moe"] = moe_entry
+        entry["moe"] = _stream_moe_layer(source, policy, writer, layer, acts if learn else None, learn_layer,
+                                         progress)
     w8a8, kept = 0, 0
     for name in unit_names:
         if name in block_names:
@@ -480,12 +475,21 @@ def _consumed_block_names(source: SourceCheckpoint, layer: int) -> set[str]:
     return out
 
 
-def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: int, acts,
-                        learn_layer, progress: bool) -> tuple[QuantizedMoELayer, dict]:
+def _stream_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, writer: CheckpointWriter, layer: int, acts,
+                      learn_layer, progress: bool) -> dict:
     """Quantize one MoE block expert by expert (clips learned from ``acts`` when given, by
-    ``learn_layer(layer, moe_input, routed_rows)``)."""
+    ``learn_layer(layer, moe_input, routed_rows)``), queueing
+    each expert's tensors as soon as it is done; return the block's report entry.
+
+    Nothing the size of the layer is held: each expert's packed tensors go to the writer (and
+    leave memory with its shard), the source pages read for an expert are unmapped after it,
+    and the layer errors are accumulated per expert (:class:`StreamedMoEOutput`). Tensors are
+    queued in the order of :func:`moe_layer_tensors`, so shards hold the same tensors as when
+    the whole layer was built first.
+    """
     mc = source.model_config
     names = mc.names
+    fmt = writer.fmt
     prefix = names.layer_prefix(layer)
     router = source.load_float(f"{prefix}.{names.router}.weight", torch.bfloat16)
     correction = None
@@ -502,21 +506,19 @@ def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: in
             shared[p] = (w.to(torch.bfloat16), None) if policy.kept_by_pattern(base) else quantize_int8_per_channel(w)
         if names.shared_gate:
             shared_gate = source.load_float(f"{prefix}.{names.shared_gate}.weight", torch.bfloat16)
+    writer.add_all(moe_router_tensors(mc, layer, router, correction))
 
     e_total = mc.num_experts
-    packed = {p: torch.empty((e_total, mc.projection_shape(p)[0] // 2, mc.projection_shape(p)[1]), dtype=torch.int8)
-              for p in EXPERT_PROJECTIONS}
-    scale = {p: torch.empty((e_total, mc.projection_shape(p)[0]), dtype=torch.float32) for p in EXPERT_PROJECTIONS}
-    rtn_packed = {p: torch.empty_like(t) for p, t in packed.items()} if acts is not None else None
-    rtn_scale = {p: torch.empty_like(t) for p, t in scale.items()} if acts is not None else None
     alpha = torch.ones(e_total, dtype=torch.float32)
-
     routed_rows: list[torch.Tensor] | None = None
+    learned_out = rtn_out = None
     if acts is not None:
         logits = torch.nn.functional.linear(acts.moe_input.to(torch.float32), router.to(torch.float32))
         _, ids = select_experts(logits, mc.routing, correction)
         routed_rows = [torch.nonzero((ids == e).any(dim=-1)).reshape(-1) for e in range(e_total)]
         clips_of = learn_layer(layer, acts.moe_input, routed_rows)
+        learned_out = StreamedMoEOutput(acts.moe_input, router, mc.routing, correction)
+        rtn_out = StreamedMoEOutput(acts.moe_input, router, mc.routing, correction)
 
     experts_report = []
     bar = tqdm(range(e_total), desc=f"layer {layer} experts", leave=False, disable=not progress)
@@ -529,39 +531,45 @@ def _quantize_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, layer: in
         else:
             clips, weight_clip = None, None
         if clips is not None and clips.quantized is not None:
-            for p in EXPERT_PROJECTIONS:  # GPTQ chose the integers under the clip-search scales
-                q_values, q_scale = clips.quantized[p]
-                packed[p][e], scale[p][e] = pack_int4_pairs(q_values), q_scale
+            # GPTQ chose the integers under the clip-search scales.
+            packed = {p: pack_int4_pairs(clips.quantized[p][0]) for p in EXPERT_PROJECTIONS}
+            scale = {p: clips.quantized[p][1].to(torch.float32).reshape(-1) for p in EXPERT_PROJECTIONS}
         else:
-            q = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS},
-                                                 weight_clip={p: c[None] for p, c in weight_clip.items()}
-                                                 if weight_clip else None))
-            for p in EXPERT_PROJECTIONS:
-                packed[p][e], scale[p][e] = q.packed[p][0], q.scale[p][0]
-        if rtn_packed is not None:
-            q_rtn = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS}))
-            for p in EXPERT_PROJECTIONS:
-                rtn_packed[p][e], rtn_scale[p][e] = q_rtn.packed[p][0], q_rtn.scale[p][0]
+            packed, scale = _rtn_expert(router, w, weight_clip)
+        if learned_out is not None:
+            learned_out.add_expert(e, packed, scale, alpha[e])
+            rtn_out.add_expert(e, *_rtn_expert(router, w, None), 1.0)
+        writer.add_all(moe_expert_tensors(fmt, mc, layer, e, packed, scale,
+                                          alpha[e] if writer.activation_use_clip else None))
+        del w, packed, scale
+        source.release()
     bar.close()
-    q_layer = QuantizedMoELayer(router, packed, scale, alpha, correction, shared, shared_gate)
+    writer.add_all(moe_shared_tensors(fmt, mc, layer, shared, shared_gate))
     entry: dict = {"experts": e_total}
     if acts is not None:
-        rtn_layer = QuantizedMoELayer(router, rtn_packed, rtn_scale, torch.ones(e_total), correction, shared, shared_gate)
-        reference = acts.moe_output.to(torch.float32)
-        energy = float((reference.to(torch.float64) ** 2).sum())
+        reference = acts.moe_output.to(torch.float32).to(torch.float64)
+        energy = float((reference ** 2).sum())
 
-        def layer_err(q: QuantizedMoELayer) -> float | None:
-            # The reference backend: exact by construction and the same on every machine.
-            out = W4A8MoE.from_quantized(q, mc.routing, backend=EVAL_BACKEND)(acts.moe_input).to(torch.float64)
-            return _rel(float(((out - reference.to(torch.float64)) ** 2).sum()), energy)
+        def layer_err(out: StreamedMoEOutput) -> float | None:
+            # The reference backend's bits: exact by construction and the same on every machine.
+            y = out.finish(shared, shared_gate).to(torch.float64)
+            return _rel(float(((y - reference) ** 2).sum()), energy)
 
         entry.update(
             calibration_tokens=int(acts.moe_input.shape[0]),
-            layer_rel_err_rtn=layer_err(rtn_layer),
-            layer_rel_err_learned=layer_err(q_layer),
+            layer_rel_err_rtn=layer_err(rtn_out),
+            layer_rel_err_learned=layer_err(learned_out),
             expert_status={s: sum(1 for r in experts_report if r["status"] == s)
                            for s in sorted({r["status"] for r in experts_report})},
             per_expert=experts_report,
         )
-    return q_layer, entry
+    return entry
 
+
+def _rtn_expert(router: torch.Tensor, w: dict[str, torch.Tensor], weight_clip: dict[str, torch.Tensor] | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One expert's packed int4 weights and scales, round-to-nearest under ``weight_clip`` (or none)."""
+    q = quantize_moe_layer(FloatMoELayer(router, {p: w[p][None] for p in EXPERT_PROJECTIONS},
+                                         weight_clip={p: c[None] for p, c in weight_clip.items()}
+                                         if weight_clip else None))
+    return {p: q.packed[p][0] for p in EXPERT_PROJECTIONS}, {p: q.scale[p][0] for p in EXPERT_PROJECTIONS}

@@ -123,16 +123,24 @@ class LayerRunner:
             key = f"{block}.{key[len('mlp.'):]}"
         return f"model.layers.{layer}.{key}"
 
-    def build_layer(self, layer: int) -> nn.Module:
-        """The transformers decoder layer ``layer`` holding the source's weights (model dtype)."""
+    def build_layer(self, layer: int, routed_experts: bool = True) -> nn.Module:
+        """The transformers decoder layer ``layer`` holding the source's weights (model dtype).
+
+        ``routed_experts=False`` leaves a MoE block's fused routed-expert weights on the meta
+        device (for :meth:`run_layer`, which runs them one expert at a time).
+        """
         mc = self.source.model_config
         with torch.device("meta"):
             module = self.layer_cls(self.hf_config, layer)
         state: dict[str, torch.Tensor] = {}
+        left_out = []
         for key, meta in module.state_dict().items():
             dtype = torch.float32 if any(k in key for k in _FP32_KEYS) else self.dtype
             if key.endswith("experts.gate_up_proj") or key.endswith("experts.down_proj"):
-                state[key] = self._fused_experts(layer, key, tuple(meta.shape), dtype)
+                if routed_experts:
+                    state[key] = self._fused_experts(layer, key, tuple(meta.shape), dtype)
+                else:
+                    left_out.append(key)
                 continue
             name = self._source_name(layer, key)
             tensor = self.source.load_float(name, dtype)
@@ -142,9 +150,28 @@ class LayerRunner:
                     f"{list(meta.shape)}"
                 )
             state[key] = tensor
-        module.load_state_dict(state, strict=True, assign=True)
+        result = module.load_state_dict(state, strict=False, assign=True)
+        if sorted(result.missing_keys) != sorted(left_out) or result.unexpected_keys:
+            raise ConversionError(f"layer {layer}: the {mc.model_type} decoder layer's weights do not match the "
+                                  f"source (missing {result.missing_keys}, unexpected {result.unexpected_keys})")
         module.eval()
         return module
+
+    def _expert_weights(self, layer: int, expert: int, dtype: torch.dtype,
+                        shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's fused ``gate_up`` ``[2I, H]`` (gate then up) and ``down`` ``[H, I]``."""
+        names = self.source.model_config.names
+        out = []
+        for projs, shape in zip((("gate", "up"), ("down",)), shapes):
+            parts = [self.source.load_float(names.expert_weight(layer, expert, p) + ".weight", dtype) for p in projs]
+            fused = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if tuple(fused.shape) != tuple(shape):
+                raise ConversionError(
+                    f"layer {layer} expert {expert} {'/'.join(projs)} weights have shape {list(fused.shape)}; "
+                    f"the layer expects {list(shape)}"
+                )
+            out.append(fused)
+        return out[0], out[1]
 
     def _fused_experts(self, layer: int, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """transformers keeps experts fused (``gate_up_proj`` = gate then up along N); the files don't."""
@@ -195,3 +222,91 @@ class LayerRunner:
         acts = LayerActivations(torch.cat(moe_in) if moe_in else None, torch.cat(moe_out) if moe_out else None)
         return torch.cat(outputs), acts
 
+
+    # ------------------------------------------------- one layer, expert by expert
+    @torch.no_grad()
+    def run_layer(self, layer: int, hidden: torch.Tensor, capture_moe: bool
+                  ) -> tuple[torch.Tensor, LayerActivations]:
+        """Build and run decoder layer ``layer`` on ``hidden`` ``[S, T, H]``: :meth:`run`'s result.
+
+        A MoE layer's routed experts are never all in memory: the layer runs with its MoE
+        block stubbed out (:class:`_MoEBlockStub`), the block then runs with its experts
+        recorded rather than computed (router and shared expert as upstream), and last each
+        expert, loaded alone, runs transformers' own expert code on the rows routed to it
+        (:meth:`_add_expert`). The sums are formed in the order upstream forms them, so the
+        outputs have the same bits as :meth:`run` of the whole layer.
+        """
+        module = self.build_layer(layer, routed_experts=False)
+        experts = getattr(getattr(module, "mlp", None), "experts", None)
+        if experts is None or not hasattr(experts, "gate_up_proj"):
+            return self.run(module, hidden, capture_moe)
+        seqs, seq_len, _ = hidden.shape
+        mask = causal_mask(seq_len, self.dtype, self.window)
+        position_ids = torch.arange(seq_len).unsqueeze(0)
+        block = module.mlp
+        stub = _MoEBlockStub()
+        module.mlp = stub
+        residuals = []
+        for start in range(0, seqs, self.batch_size):
+            chunk = hidden[start : start + self.batch_size]
+            out = module(chunk, attention_mask=mask, position_ids=position_ids.expand(chunk.shape[0], -1),
+                         position_embeddings=self.rotary(chunk, position_ids))
+            residuals.append(out[0] if isinstance(out, tuple) else out)  # residual + (-0) = the residual
+        module.mlp = block
+        recorder = _ExpertsRecorder()
+        block.experts = recorder
+        rest = [block(x) for x in stub.inputs]  # the block without its routed experts: shared expert or -0
+        if any(not isinstance(r, torch.Tensor) for r in rest):
+            raise ConversionError(f"layer {layer}: the {self.source.model_config.model_type} MoE block returns "
+                                  "a tuple; expert-by-expert calibration expects a tensor")
+        sums = [torch.zeros_like(h) for h, _, _ in recorder.calls]
+        experts.num_experts = 1  # runs as a one-expert module; the other experts map to its "none" slot
+        shapes = (tuple(experts.gate_up_proj.shape[1:]), tuple(experts.down_proj.shape[1:]))
+        for expert in range(self.source.model_config.num_experts):
+            hit = [bool((ids == expert).any()) for _, ids, _ in recorder.calls]
+            if any(hit):
+                gate_up, down = self._expert_weights(layer, expert, self.dtype, shapes)
+                experts.gate_up_proj = nn.Parameter(gate_up[None], requires_grad=False)
+                experts.down_proj = nn.Parameter(down[None], requires_grad=False)
+                for total, (x, ids, weights), used in zip(sums, recorder.calls, hit):
+                    if used:
+                        # upstream index_adds each expert onto zeros in increasing expert order; a
+                        # token's sum starts at +0, never becomes -0, so adding +0 elsewhere is exact.
+                        total.add_(experts(x, torch.where(ids == expert, 0, 1), weights))
+                del gate_up, down
+                experts.gate_up_proj = experts.down_proj = None
+            self.source.release()
+        outputs, moe_in, moe_out = [], [], []
+        for residual, x, total, partial in zip(residuals, stub.inputs, sums, rest):
+            moe = total.view(partial.shape) + partial
+            outputs.append(residual + moe)
+            if capture_moe:
+                moe_in.append(x.reshape(-1, x.shape[-1]))
+                moe_out.append(moe.reshape(-1, moe.shape[-1]))
+        acts = LayerActivations(torch.cat(moe_in) if moe_in else None, torch.cat(moe_out) if moe_out else None)
+        return torch.cat(outputs), acts
+
+
+class _MoEBlockStub(nn.Module):
+    """Stands in for a MoE block: records its input, returns ``-0`` (``r + (-0) == r`` for every ``r``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(hidden_states)
+        return torch.full_like(hidden_states, -0.0)
+
+
+class _ExpertsRecorder(nn.Module):
+    """Stands in for a block's routed experts: records the routing, returns ``-0`` (as above)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        self.calls.append((hidden_states, top_k_index, top_k_weights))
+        return torch.full_like(hidden_states, -0.0)

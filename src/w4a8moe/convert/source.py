@@ -212,6 +212,13 @@ class SourceCheckpoint:
         names = self.model_config.names
         return {p: self.load_float(names.expert_weight(layer, expert, p) + ".weight", dtype) for p in EXPERT_PROJECTIONS}
 
+    def release(self) -> None:
+        """Unmap the source shards: pages read so far stop counting as this process's memory.
+
+        Later reads map them again; the tensors already loaded are copies and stay valid.
+        """
+        self.reader.close()
+
     def check_moe_layer(self, layer: int) -> None:
         """Raise :class:`ConversionError` naming the first missing or misshapen tensor of a MoE block."""
         mc = self.model_config

@@ -25,7 +25,7 @@ from w4a8moe.formats.base import (
 )
 from w4a8moe.formats.safetensors_io import atomic_write_json
 from w4a8moe.formats.schema import SCALE_DTYPES, TensorSpec
-from w4a8moe.quant import KERNEL_BIAS_CHUNKS, kernel_bias, kernel_bias_chunks, unpack_int4_pairs
+from w4a8moe.quant import KERNEL_BIAS_CHUNKS, kernel_bias_packed
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WEIGHTS_PREFIX = "quant_model_weights"
@@ -162,14 +162,14 @@ class AscendV1Format(CheckpointFormat):
     def expert_tensors(self, proj: str, packed: torch.Tensor, scale: torch.Tensor,
                        alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """fp32 scales, zero offsets, the kernel bias (down: per K-chunk); ``alpha`` is not stored."""
-        q = unpack_int4_pairs(packed)
-        n = q.shape[0]
+        n = 2 * packed.shape[0]
         scale = scale.to(torch.float32).reshape(n)
         return {
             "weight": packed.contiguous(),
             "weight_scale": scale.reshape(n, 1).clone(),
             "weight_offset": torch.zeros(n, 1, dtype=torch.float32),
-            "scale_bias": kernel_bias_chunks(q, scale) if proj == "down" else kernel_bias(q, scale).reshape(n, 1),
+            "scale_bias": (kernel_bias_packed(packed, scale, KERNEL_BIAS_CHUNKS) if proj == "down"
+                           else kernel_bias_packed(packed, scale).reshape(n, 1)),
         }
 
     def kernel_bias_suffix(self, proj: str) -> str:

@@ -50,6 +50,10 @@ def _fmt_dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+_RELEASE_BYTES = 256 << 20
+"""Verification unmaps the shards after reading about this much of the tensors outside MoE blocks."""
+
+
 class Checkpoint:
     """A validated W4A8 MoE checkpoint on disk. Use :func:`open_checkpoint`.
 
@@ -150,7 +154,7 @@ class Checkpoint:
     def _check_structure(self, problems: _Problems) -> None:
         mc = self.model_config
         if mc.moe_intermediate_size % 2 or mc.hidden_size % 2:
-            problems.add(f"config.json: hidden_size and moe_intermediate_size must be even for int4 pairs")
+            problems.add("config.json: hidden_size and moe_intermediate_size must be even for int4 pairs")
             return
         covered: set[str] = set()
         expert_tensors: set[str] = set()
@@ -177,16 +181,23 @@ class Checkpoint:
 
     # ----------------------------------------------------------------- values
     def _check_values(self, problems: _Problems) -> None:
+        # What has been checked is released as it goes (experts not kept, shards unmapped every
+        # _RELEASE_BYTES), so memory stays at one expert plus that, whatever the model's size.
         covered: set[str] = set()
         for layer in self.moe_layers:
-            self._read_moe_layer(layer, problems)
+            self._read_moe_layer(layer, problems, keep=False)
             covered.update(self.expected_layer_tensors(layer))
+        read = 0
         for name in self.reader.names():
             if name in covered:
                 continue
             info = self.reader.infos[name]
             if info.dtype in FLOAT_DTYPES or info.dtype == torch.float64:
+                if read > _RELEASE_BYTES:
+                    self.reader.close()
+                    read = 0
                 t = self.reader.get(name)
+                read += t.numel() * t.element_size()
                 if not bool(torch.isfinite(t).all()):
                     problems.add(f"tensor {name!r} holds NaN or Inf")
                 if name.endswith(".weight_scale") and not bool((t > 0).all()):
@@ -201,15 +212,19 @@ class Checkpoint:
         problems.raise_if_any(self.path)
         return tensors
 
-    def _read_moe_layer(self, layer: int, problems: _Problems) -> QuantizedMoELayer:
-        """Read one MoE layer, adding every defect found to ``problems``."""
+    def _read_moe_layer(self, layer: int, problems: _Problems, keep: bool = True) -> QuantizedMoELayer | None:
+        """Read one MoE layer, adding every defect found to ``problems``.
+
+        ``keep=False`` (verification only) keeps no expert: each is checked, dropped and its
+        shard pages unmapped, and ``None`` is returned.
+        """
         mc = self.model_config
         names = mc.names
         prefix = names.layer_prefix(layer)
         e = mc.num_experts
         packed: dict[str, torch.Tensor] = {}
         scales: dict[str, torch.Tensor] = {}
-        for proj in EXPERT_PROJECTIONS:
+        for proj in EXPERT_PROJECTIONS if keep else ():
             n, k = mc.projection_shape(proj)
             packed[proj] = torch.empty((e, n // 2, k), dtype=torch.int8)
             scales[proj] = torch.empty((e, n), dtype=torch.float32)
@@ -219,11 +234,15 @@ class Checkpoint:
             for proj in EXPERT_PROJECTIONS:
                 base = names.expert_weight(layer, expert, proj)
                 loaded = self.format.load_expert_projection(base, proj, get, problems.items, self.activation_use_clip)
+                if loaded.alpha is not None:
+                    alpha[expert] = loaded.alpha
+                if not keep:
+                    continue
                 packed[proj][expert] = loaded.weight
                 if loaded.scale is not None:
                     scales[proj][expert] = loaded.scale
-                if loaded.alpha is not None:
-                    alpha[expert] = loaded.alpha
+            if not keep:
+                self.reader.close()
         router = self.reader.get(f"{prefix}.{names.router}.weight")
         if not bool(torch.isfinite(router).all()):
             problems.add(f"tensor '{prefix}.{names.router}.weight' holds NaN or Inf")
@@ -248,6 +267,9 @@ class Checkpoint:
                     shared[proj] = (w, None)
             if names.shared_gate:
                 shared_gate = self.reader.get(f"{prefix}.{names.shared_gate}.weight")
+        if not keep:
+            self.reader.close()
+            return None
         return QuantizedMoELayer(router, packed, scales, alpha, correction, shared, shared_gate)
 
     # ----------------------------------------------------------------- public

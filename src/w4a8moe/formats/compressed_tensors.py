@@ -25,7 +25,7 @@ import torch
 from w4a8moe.errors import CheckpointError
 from w4a8moe.formats.base import FLOAT, CheckpointFormat, FormatMetadata, TensorGetter, WriteOptions, read_config
 from w4a8moe.formats.schema import SCALE_DTYPES, TensorSpec
-from w4a8moe.quant import encode_scale_uint64, kernel_bias, unpack_int4_pairs
+from w4a8moe.quant import encode_scale_uint64, kernel_bias_packed
 
 CLIP_KEY = "activation_use_clip"
 MOE_TARGET = "MoEGMM"
@@ -184,11 +184,10 @@ class CompressedTensorsFormat(CheckpointFormat):
     def expert_tensors(self, proj: str, packed: torch.Tensor, scale: torch.Tensor,
                        alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """uint64 scales (fp32 bits in the low half), the kernel bias, and ``alpha`` if given."""
-        q = unpack_int4_pairs(packed)
-        n = q.shape[0]
+        n = 2 * packed.shape[0]
         scale = scale.to(torch.float32).reshape(n)
         out = {"weight": packed.contiguous(), "weight_scale": encode_scale_uint64(scale.reshape(n, 1)),
-               "bias": kernel_bias(q, scale)}
+               "bias": kernel_bias_packed(packed, scale)}
         if proj == "down" and alpha is not None:
             out["alpha"] = alpha.to(torch.float32).reshape(()).clone()
         return out

@@ -20,34 +20,64 @@ def moe_layer_tensors(
 ) -> dict[str, tuple[torch.Tensor, str]]:
     """Every tensor of one quantized MoE block as ``name -> (tensor, role)`` in format ``fmt``.
 
-    The role is ``FLOAT``, ``W8A8_DYNAMIC`` or ``W4A8_DYNAMIC`` (the AscendV1 type).
+    The role is ``FLOAT``, ``W8A8_DYNAMIC`` or ``W4A8_DYNAMIC`` (the AscendV1 type). In write
+    order: :func:`moe_router_tensors`, :func:`moe_expert_tensors` of each expert,
+    :func:`moe_shared_tensors` (a streaming converter adds the same pieces in the same order).
     """
-    fmt = get_format(fmt)
+    out = moe_router_tensors(model_config, layer, q.router_weight, q.correction_bias)
+    for expert in range(q.num_experts):
+        out.update(moe_expert_tensors(fmt, model_config, layer, expert,
+                                      {p: q.packed[p][expert] for p in EXPERT_PROJECTIONS},
+                                      {p: q.scale[p][expert] for p in EXPERT_PROJECTIONS},
+                                      q.alpha[expert] if with_alpha else None))
+    out.update(moe_shared_tensors(fmt, model_config, layer, q.shared, q.shared_expert_gate))
+    return out
+
+
+def moe_router_tensors(model_config: MoEModelConfig, layer: int, router_weight: torch.Tensor,
+                       correction_bias: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, str]]:
+    """The router weight (bf16) and, for ``noaux_tc`` routing, its correction bias (fp32)."""
     names = model_config.names
     prefix = names.layer_prefix(layer)
-    out: dict[str, tuple[torch.Tensor, str]] = {
-        f"{prefix}.{names.router}.weight": (q.router_weight.to(torch.bfloat16), FLOAT)
-    }
-    if q.correction_bias is not None:
-        out[f"{prefix}.{names.router}.e_score_correction_bias"] = (q.correction_bias.to(torch.float32), FLOAT)
-    for expert in range(q.num_experts):
-        for proj in EXPERT_PROJECTIONS:
-            base = names.expert_weight(layer, expert, proj)
-            alpha = q.alpha[expert] if with_alpha else None
-            tensors = fmt.expert_tensors(proj, q.packed[proj][expert], q.scale[proj][expert], alpha)
-            for suffix, t in tensors.items():
-                out[f"{base}.{suffix}"] = (t, W4A8_DYNAMIC)
-    if q.shared is not None:
-        for proj in EXPERT_PROJECTIONS:
-            base = names.shared_weight(layer, proj)
-            weight, scale = q.shared[proj]
-            if scale is None:
-                out[f"{base}.weight"] = (weight.to(torch.bfloat16), FLOAT)
-            else:
-                for suffix, t in fmt.linear_tensors(weight, scale).items():
-                    out[f"{base}.{suffix}"] = (t, W8A8_DYNAMIC)
-        if q.shared_expert_gate is not None:
-            out[f"{prefix}.{names.shared_gate}.weight"] = (q.shared_expert_gate.to(torch.bfloat16), FLOAT)
+    out = {f"{prefix}.{names.router}.weight": (router_weight.to(torch.bfloat16), FLOAT)}
+    if correction_bias is not None:
+        out[f"{prefix}.{names.router}.e_score_correction_bias"] = (correction_bias.to(torch.float32), FLOAT)
+    return out
+
+
+def moe_expert_tensors(fmt: str | CheckpointFormat, model_config: MoEModelConfig, layer: int, expert: int,
+                       packed: dict[str, torch.Tensor], scale: dict[str, torch.Tensor],
+                       alpha: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, str]]:
+    """One routed expert's tensors from its packed int8 ``[N/2, K]`` and fp32 ``[N]`` scales per
+    projection; ``alpha`` (0-d) is written only when given."""
+    fmt = get_format(fmt)
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    for proj in EXPERT_PROJECTIONS:
+        base = model_config.names.expert_weight(layer, expert, proj)
+        for suffix, t in fmt.expert_tensors(proj, packed[proj], scale[proj], alpha).items():
+            out[f"{base}.{suffix}"] = (t, W4A8_DYNAMIC)
+    return out
+
+
+def moe_shared_tensors(fmt: str | CheckpointFormat, model_config: MoEModelConfig, layer: int,
+                       shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None,
+                       shared_expert_gate: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, str]]:
+    """The shared expert (W8A8, or bf16 where its scale is ``None``) and its gate, if any."""
+    fmt = get_format(fmt)
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    if shared is None:
+        return out
+    names = model_config.names
+    for proj in EXPERT_PROJECTIONS:
+        base = names.shared_weight(layer, proj)
+        weight, scale = shared[proj]
+        if scale is None:
+            out[f"{base}.weight"] = (weight.to(torch.bfloat16), FLOAT)
+        else:
+            for suffix, t in fmt.linear_tensors(weight, scale).items():
+                out[f"{base}.{suffix}"] = (t, W8A8_DYNAMIC)
+    if shared_expert_gate is not None:
+        out[f"{names.layer_prefix(layer)}.{names.shared_gate}.weight"] = (shared_expert_gate.to(torch.bfloat16), FLOAT)
     return out
 
 
@@ -102,9 +132,11 @@ class CheckpointWriter:
                       shared_format: str = "w8a8") -> None:
         """Queue every tensor of one MoE block (a float layer is quantized here)."""
         q = layer if isinstance(layer, QuantizedMoELayer) else quantize_moe_layer(layer, shared_format)
-        for name, (tensor, kind) in moe_layer_tensors(
-            self.fmt, self.model_config, layer_idx, q, self.activation_use_clip
-        ).items():
+        self.add_all(moe_layer_tensors(self.fmt, self.model_config, layer_idx, q, self.activation_use_clip))
+
+    def add_all(self, tensors: dict[str, tuple[torch.Tensor, str]]) -> None:
+        """Queue ``name -> (tensor, AscendV1 type)`` in order (as :func:`moe_layer_tensors` gives them)."""
+        for name, (tensor, kind) in tensors.items():
             self.add(name, tensor, kind)
 
     def add_w8a8_linear(self, name: str, weight: torch.Tensor) -> None:

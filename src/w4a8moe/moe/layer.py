@@ -97,6 +97,32 @@ class SharedExpert(GatedMLP):
         return out
 
 
+def shared_expert_from_quantized(shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None,
+                                 gate_weight: torch.Tensor | None = None,
+                                 device: torch.device | None = None) -> SharedExpert | None:
+    """The shared expert of a :class:`QuantizedMoELayer` (``shared[p]`` is ``(weight, scale)``:
+    W8A8, or a bf16 Linear where ``scale`` is ``None``) as a module on ``device`` (default: where
+    the tensors are); ``None`` without one."""
+    if shared is None:
+        return None
+
+    def place(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if (t is None or device is None) else t.to(device)
+
+    projections = []
+    for proj in ("gate", "up", "down"):
+        weight, scale = shared[proj]
+        if scale is None:
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16,
+                               device=weight.device if device is None else device)
+            linear.weight.data.copy_(weight)
+            linear.requires_grad_(False)
+            projections.append(linear)
+        else:
+            projections.append(W8A8Linear(place(weight), place(scale)))
+    return SharedExpert(*projections, gate_weight=place(gate_weight))
+
+
 class W4A8MoE(nn.Module):
     """A MoE block with W4A8 routed experts and the learned activation clip of SPEC 1-3.
 
@@ -149,20 +175,7 @@ class W4A8MoE(nn.Module):
             w2_scale=place(layer.scale["down"]),
             alpha=place(layer.alpha),
         )
-        shared = None
-        if layer.shared is not None:
-            projections = []
-            for proj in ("gate", "up", "down"):
-                weight, scale = layer.shared[proj]
-                if scale is None:
-                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16,
-                                       device=experts.alpha.device)
-                    linear.weight.data.copy_(weight)
-                    linear.requires_grad_(False)
-                    projections.append(linear)
-                else:
-                    projections.append(W8A8Linear(place(weight), place(scale)))
-            shared = SharedExpert(*projections, gate_weight=place(layer.shared_expert_gate))
+        shared = shared_expert_from_quantized(layer.shared, layer.shared_expert_gate, device)
         return cls(place(layer.router_weight), routing, experts, place(layer.correction_bias), shared, apply_alpha,
                    backend, keep_packed)
 

@@ -14,6 +14,7 @@ from w4a8moe.quant.weights import (
     per_channel_scale,
     quantize_with_scale,
     kernel_bias_chunks,
+    kernel_bias_packed,
     quantize_int4_per_channel,
     quantize_int8_per_channel,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "quantize_with_scale",
     "kernel_bias",
     "kernel_bias_chunks",
+    "kernel_bias_packed",
     "dynamic_quant_per_token",
     "silu_mul_fp32",
     "silu_and_mul",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from w4a8moe.quant.int4 import INT4_MAX
+from w4a8moe.quant.int4 import INT4_MAX, unpack_int4_pairs
 
 INT8_WEIGHT_MAX = 127
 KERNEL_BIAS_CHUNKS = 16
@@ -92,3 +92,30 @@ def kernel_bias_chunks(
         raise ValueError(f"K={k} is not divisible into {chunks} equal chunks")
     parts = q.to(torch.int64).reshape(*q.shape[:-1], chunks, k // chunks).sum(dim=-1)
     return 8.0 * scale.to(torch.float32).reshape(*q.shape[:-1], 1) * parts.to(torch.float32)
+
+
+_BIAS_BLOCK_BYTES = 1 << 20
+"""About this many bytes of int64 values are unpacked at a time by :func:`kernel_bias_packed`."""
+
+
+def kernel_bias_packed(packed: torch.Tensor, scale: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """:func:`kernel_bias` (``chunks=None``, ``[N]``) or :func:`kernel_bias_chunks` (``[N, chunks]``)
+    of packed int4 weights ``[N/2, K]``, unpacked a block of rows at a time.
+
+    Unpacking a whole 7168 x 2048 projection makes 15 MB of int8 and 117 MB of int64
+    temporaries; such mid-size blocks, freed among the small outputs a converter keeps,
+    fragmented the heap by gigabytes over a layer of experts. Blocks of about 1 MB are reused
+    from one to the next. Each output row is the same expression on the same integers as in
+    the whole-tensor functions, so the bits are identical.
+    """
+    half, k = packed.shape
+    n = 2 * half
+    out = torch.empty((n, chunks) if chunks else (n,), dtype=torch.float32)
+    scale = scale.reshape(n)
+    rows = max(1, _BIAS_BLOCK_BYTES // (16 * max(k, 1)))  # packed rows per block (16 B of int64 per byte)
+    for start in range(0, half, rows):
+        end = min(half, start + rows)
+        q = unpack_int4_pairs(packed[start:end])
+        s = scale[2 * start : 2 * end]
+        out[2 * start : 2 * end] = kernel_bias_chunks(q, s, chunks) if chunks else kernel_bias(q, s)
+    return out
