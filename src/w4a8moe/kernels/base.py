@@ -197,6 +197,9 @@ def int_matmul_backend(device: torch.device | str | None = None):
     if kind == "cpu":
         return get_backend()
     if kind == "cuda":
+        if not torch.cuda.is_available():
+            # Checked here, not by the backend: Triton's interpreter would run "CUDA" on the CPU.
+            raise RuntimeError(f"device {device} requested, but torch sees no CUDA device")
         _load_builtin()
         triton = _FACTORIES.get("triton")
         backend = triton() if triton is not None else None
