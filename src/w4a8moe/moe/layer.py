@@ -145,7 +145,9 @@ class W4A8MoE(nn.Module):
         if experts.num_experts != routing.num_experts:
             raise ValueError(f"{experts.num_experts} experts given, routing expects {routing.num_experts}")
         self.routing = routing
-        self.register_buffer("router_weight", router_weight)
+        # Held in fp32, exact for a bf16 router: routing runs in fp32 (SPEC 3), and converting
+        # the weight on every call made a fresh copy per token step (twice its bytes, read again).
+        self.register_buffer("router_weight", router_weight.to(torch.float32))
         if correction_bias is not None:
             self.register_buffer("correction_bias", correction_bias.to(torch.float32))
         else:
@@ -205,7 +207,7 @@ class W4A8MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
-        logits = F.linear(x.to(torch.float32), self.router_weight.to(torch.float32))
+        logits = F.linear(x.to(torch.float32), self.router_weight)
         return select_experts(logits, self.routing, self.correction_bias)
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
