@@ -9,15 +9,17 @@ through :func:`w4a8moe.calibrate.learn_expert_clips` in the same process with
   search used before it ran on the kernel backends (the baseline; its loop is today's, so
   the ratio slightly understates the gain over the old code);
 * ``cpu``: the native kernel (int8 GEMM; the per-grid int4 weight quantized straight into
-  its layout), at every thread count given by ``--threads`` (default: 1 and all).
+  its layout), at every thread count given by ``--threads`` (default: 1 and all), with the
+  refinement's gradient in version 1's direct form and in the Gram form (the default since
+  converter version 2; :func:`w4a8moe.calibrate.clips.refine_alpha_ste`).
 
-The cpu run at the reference's thread count must give identical clips, alpha and errors (the
-bench fails otherwise); at other thread counts it says whether they match (torch's fp32
-matmuls, which the search uses for its float reference, round differently with another
-thread count). The table
+The baseline is converter version 1's search (float64 products, direct form). The cpu run
+with the direct form at the reference's thread count must give identical clips, alpha and
+errors (the bench fails otherwise); the other runs say whether they match (torch's fp32
+matmuls, which the search uses for its float reference and refinement, round differently
+with another thread count or form). The table
 splits each run's time into the integer products, the weight quantization for them, the
-straight-through refinement of alpha (fp32 matmuls, whose bits define the learned result and
-so stay as they are) and the rest (the float reference, errors, SwiGLU). The expert has a few
+straight-through refinement of alpha (fp32 matmuls) and the rest (the float reference, errors, SwiGLU). The expert has a few
 gate/up channels with large outputs that the down projection barely uses, so the activation
 clip moves off 1 and the refinement really runs (an expert whose best alpha stays 1 costs
 less). ``--no-refine`` times the search with ``refine_steps = 0`` as well. The last lines
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -133,36 +136,42 @@ def main() -> None:
     settings_list = [("refine 40", ClipSearchSettings())]
     if args.no_refine:
         settings_list.append(("refine 0", ClipSearchSettings(refine_steps=0)))
-    header = (f"{'settings':<10} {'backend':<10} {'thr':>3} {'total s':>9} {'products':>14} {'quantize':>14} "
-              f"{'refine':>14} {'other':>14} {'speed-up':>9}")
+    header = (f"{'settings':<10} {'backend':<10} {'form':<6} {'thr':>3} {'total s':>9} {'products':>14} "
+              f"{'quantize':>14} {'refine':>14} {'other':>14} {'speed-up':>9}")
     print(header)
     print("-" * len(header))
     fastest: dict[str, float] = {}
     for label, settings in settings_list:
+        # The baseline is converter version 1's search: float64 products, the direct form.
+        old = replace(settings, refine_form="direct")
         torch.set_num_threads(all_threads)
-        base, base_t = timed_search(x, w, reference, settings)
-        rows = [("reference", all_threads, base_t)]
+        base, base_t = timed_search(x, w, reference, old)
+        rows = [("reference", "direct", all_threads, base_t)]
         notes: list[str] = []
-        for n in threads:
-            torch.set_num_threads(n)
-            result, t = timed_search(x, w, cpu, settings)
-            if n == all_threads and not same_result(base, result):
-                raise SystemExit(f"cpu backend ({n} threads) learned different clips than the reference")
-            rows.append(("cpu", n, t))
-            if n != all_threads:
-                # torch's fp32 matmuls (the float reference, the refinement) round differently
-                # with another thread count; the integer products cannot.
-                notes.append(f"  ({n} thread(s): clips {'identical' if same_clips(base, result) else 'DIFFERENT'}, "
-                      f"errors {'identical' if same_result(base, result) else 'differ in the last bits'} "
-                      f"against {all_threads} threads)")
+        forms = ("direct", "gram") if settings.refine_steps > 0 else ("direct",)
+        for form in forms:
+            for n in threads:
+                torch.set_num_threads(n)
+                result, t = timed_search(x, w, cpu, replace(settings, refine_form=form))
+                if form == "direct" and n == all_threads and not same_result(base, result):
+                    raise SystemExit(f"cpu backend ({n} threads) learned different clips than the reference")
+                rows.append(("cpu", form, n, t))
+                if form != "direct" or n != all_threads:
+                    # torch's fp32 matmuls (the float reference, the refinement) round differently
+                    # with another thread count or form; the integer products cannot.
+                    notes.append(f"  (cpu {form}, {n} thread(s): clips "
+                                 f"{'identical' if same_clips(base, result) else 'DIFFERENT'}, errors "
+                                 f"{'identical' if same_result(base, result) else 'differ in the last bits'} "
+                                 f"against the baseline at {all_threads} threads)")
         torch.set_num_threads(all_threads)
-        for name, n, t in rows:
+        for name, form, n, t in rows:
             parts = " ".join(f"{t[k]:8.2f} ({t[k] / t['total']:3.0%})" for k in ("products", "quantize", "refine",
                                                                                  "other"))
-            print(f"{label:<10} {name:<10} {n:>3} {t['total']:9.2f} {parts} {base_t['total'] / t['total']:8.1f}x")
+            print(f"{label:<10} {name:<10} {form:<6} {n:>3} {t['total']:9.2f} {parts} "
+                  f"{base_t['total'] / t['total']:8.1f}x")
         for note in notes:
             print(note)
-        fastest[label] = min(t["total"] for name, _, t in rows if name == "cpu")
+        fastest[label] = min(t["total"] for name, form, _, t in rows if name == "cpu" and form == settings.refine_form)
         print(f"{label:<10} alpha {base.alpha} (grid best {base.alpha_grid_best}), status {base.status}: "
               f"identical on both backends at {all_threads} threads")
     print(f"load average after {os.getloadavg()}")

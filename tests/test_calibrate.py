@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+import math
+
 import pytest
 import torch
 
@@ -341,8 +343,79 @@ def test_refinement_reusing_gradients_is_the_plain_descent():
         w_down = dequantize_per_channel(*quantize_int4_per_channel(w.down))
         reference = expert_reference_output(x, w)
         for alpha0 in (1.0, 0.5, ALPHA_MIN):
-            assert refine_alpha_ste(gate_up, w_down, reference, alpha0) == plain(gate_up, w_down, reference,
-                                                                                alpha0, 40, 0.02)
+            assert refine_alpha_ste(gate_up, w_down, reference, alpha0, form="direct") == plain(
+                gate_up, w_down, reference, alpha0, 40, 0.02)
+
+
+def _ste_gradient(form: str, gate_up, w_down, reference, alpha: float) -> float:
+    """d loss / d log(alpha) at ``alpha`` as the refinement computes it (its first step)."""
+    from w4a8moe.calibrate.clips import _descend, _gram_q_gradient
+    from w4a8moe.quant import swiglu_fp32
+
+    h = swiglu_fp32(gate_up)
+    hmax = h.abs().amax(dim=-1, keepdim=True)
+    ref = reference.float()
+    scale = float((ref ** 2).mean())
+    log_alpha = torch.tensor(math.log(alpha), requires_grad=True)
+    q_grad = _gram_q_gradient(w_down, ref, scale) if form == "gram" else None
+    with torch.enable_grad():
+        _descend(log_alpha, torch.optim.SGD([log_alpha], lr=0.0), h, hmax, w_down, ref, scale, 1, q_grad)
+    return float(log_alpha.grad)
+
+
+def _ste_gradient_float64(gate_up, w_down, reference, alpha: float) -> float:
+    """The same derivative, independently: float64 throughout, the rounding's derivative 0
+    (straight through) written out by hand rather than by autograd."""
+    g, u = gate_up.double().chunk(2, dim=-1)
+    h = g * torch.sigmoid(g) * u
+    hmax = h.abs().amax(dim=-1, keepdim=True)
+    bound = alpha * hmax
+    step = bound / 127
+    z = torch.clamp(h, -bound, bound) / step
+    q = torch.round(z) * step
+    inside = (h.abs() < bound).double()
+    # d q / d alpha: the step (A/127, linear in alpha) scales the rounded value; inside the
+    # bound z = h / step falls as the step grows, clipped entries keep z = +-127.
+    dq = (torch.round(z) - inside * z) * step / alpha
+    w = w_down.double()
+    ref = reference.double()
+    scale = float((ref ** 2).mean())
+    dloss_dq = 2 * ((q @ w.T - ref) @ w) / (ref.numel() * scale)
+    return float((dloss_dq * dq).sum() * alpha)  # d / d log(alpha) = alpha d / d alpha
+
+
+def test_gram_and_direct_gradients_are_the_float64_gradient():
+    from w4a8moe.quant import dequantize_per_channel
+
+    for w, x in ((_expert(64), _tokens(65, 80)), _split_behaviour_expert()):
+        x_q, x_scale = dynamic_quant_per_token(x)
+        gate_up = scaled_int_matmul(x_q, x_scale, *quantize_int4_per_channel(torch.cat((w.gate, w.up))))
+        w_down = dequantize_per_channel(*quantize_int4_per_channel(w.down))
+        reference = expert_reference_output(x, w)
+        for alpha in (0.9, 0.5, 0.23, 0.07):
+            exact = _ste_gradient_float64(gate_up, w_down, reference, alpha)
+            for form in ("gram", "direct"):
+                got = _ste_gradient(form, gate_up, w_down, reference, alpha)
+                assert got == pytest.approx(exact, rel=2e-3, abs=1e-7 * (1 + abs(exact))), (form, alpha)
+
+
+@pytest.mark.parametrize("case", _adversarial_cases(), ids=lambda c: c[0])
+def test_gram_form_learns_the_direct_forms_clips(case):
+    """The issue's bar for the cheaper refinement: on these experts (outliers, zeros, odd
+    sizes, alpha moving) the Gram form learns converter version 1's clips bit for bit; the
+    rounded alphas of its path are the same although its gradients differ in the last bits."""
+    from dataclasses import replace
+
+    _, x, w, settings = case
+    _assert_same_clips(learn_expert_clips(x, w, replace(settings, refine_form="direct")),
+                       learn_expert_clips(x, w, settings))
+
+
+def test_refinement_settings_are_checked():
+    with pytest.raises(ValueError, match="refine_form"):
+        ClipSearchSettings(refine_form="adam")
+    with pytest.raises(ValueError, match="refine_steps"):
+        ClipSearchSettings(refine_steps=-1)
 
 
 def test_products_backend_by_device():

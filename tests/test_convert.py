@@ -309,6 +309,34 @@ def test_injected_failure_then_resume_is_byte_identical(sources, tmp_path):
         convert(sources["fp8"], dst, resume=True, **kwargs)
 
 
+V1_CLIP_SEARCH_FIELDS = {"weight_clip_grid", "alpha_grid", "refine_steps", "refine_lr", "min_expert_tokens",
+                         "learn_weight_clip", "learn_alpha", "gptq"}
+"""The clip settings converter version 1 recorded (and hashed), as it wrote them."""
+
+
+def test_refine_form_direct_is_converter_version_1(sources, tmp_path):
+    from w4a8moe.calibrate import ClipSearchSettings
+
+    kwargs = dict(fmt="compressed-tensors", max_shard_bytes=30_000, **CALIB)
+    direct = ClipSearchSettings(refine_form="direct")
+    dst = tmp_path / "direct"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        convert(sources["bf16"], dst, _fail_after_shards=1, clip_settings=direct, **kwargs)
+    # Version 2's default (the Gram form) may round otherwise: it does not resume version 1's run.
+    with pytest.raises(ConversionError, match="different settings.*--refine-form direct"):
+        convert(sources["bf16"], dst, resume=True, **kwargs)
+    convert(sources["bf16"], dst, resume=True, clip_settings=direct, **kwargs)
+    recorded = json.loads((dst / "config.json").read_text())["w4a8moe"]
+    assert recorded["converter_version"] == 1 and set(recorded["clip_search"]) == V1_CLIP_SEARCH_FIELDS
+    gram = tmp_path / "gram"
+    convert(sources["bf16"], gram, **kwargs)
+    recorded = json.loads((gram / "config.json").read_text())["w4a8moe"]
+    assert recorded["converter_version"] == 2 and recorded["clip_search"]["refine_form"] == "gram"
+    # The two forms learn the same clips here, so the weights are the same bytes.
+    assert {k: v for k, v in _dir_bytes(dst).items() if k.endswith(".safetensors")} == {
+        k: v for k, v in _dir_bytes(gram).items() if k.endswith(".safetensors")}
+
+
 # ------------------------------------------------------------------------- policy / families / CLI
 def test_keep_bf16_override(sources, tmp_path):
     convert(sources["bf16"], tmp_path / "o", learn=False, progress=False, keep_bf16=[r"\.o_proj$"])

@@ -15,7 +15,9 @@ Search, per expert, on the "fit" part of its routed tokens:
    of the down projection *is* output channel ``n`` of the expert, so this minimises the
    expert output error channel by channel);
 3. ``alpha_e`` on a grid, then refined by gradient descent through a straight-through
-   estimator of the rounding (kept only where the exact error improves);
+   estimator of the rounding (kept only where the exact error improves); the gradient is
+   taken through the down weight's Gram matrix (``refine_form="gram"``, converter version 2)
+   or, as version 1 did, through the two matmuls of the direct form (``"direct"``);
 4. the down clips again, given the chosen ``alpha_e``.
 
 The pair (``alpha_e``, down clips of step 4) is accepted only if it does not worsen the
@@ -29,6 +31,7 @@ worse than RTN on the calibration objective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +41,7 @@ from w4a8moe.calibrate.products import Int4Operand, IntProducts
 from w4a8moe.quant import (
     INT4_MAX,
     INT8_MAX,
+    clip_quant_rows,
     dequantize_per_channel,
     dynamic_quant_per_token,
     per_channel_scale,
@@ -56,6 +60,7 @@ HELDOUT_EVERY = 4
 """Every 4th routed token (by position) is held out from fitting to judge the activation clip."""
 ALPHA_MIN = 0.05
 REFINE_EVAL_EVERY = 5
+REFINE_FORMS = ("gram", "direct")
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,17 @@ class ClipSearchSettings:
     learn_weight_clip: bool = True
     learn_alpha: bool = True
     gptq: bool = False
+    refine_form: str = "gram"
+    """How the refinement's gradient is computed (the same gradient, other roundings):
+    ``gram`` through ``W^T W`` (one ``[M, I] x [I, I]`` matmul a step, about a third of the
+    work at DeepSeek-V3 shapes) or ``direct`` through the output (two ``[M, I] x [I, H]``
+    matmuls a step: converter version 1's bits)."""
 
     def __post_init__(self) -> None:
+        if self.refine_form not in REFINE_FORMS:
+            raise ValueError(f"refine_form must be one of {REFINE_FORMS}, got {self.refine_form!r}")
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
         for name in ("weight_clip_grid", "alpha_grid"):
             grid = getattr(self, name)
             if not grid or grid[0] != 1.0 or any(not (0.0 < g <= 1.0) for g in grid):
@@ -257,32 +271,56 @@ def _ste_round(z: torch.Tensor) -> torch.Tensor:
 
 def refine_alpha_ste(
     gate_up: torch.Tensor, w_down: torch.Tensor, reference: torch.Tensor, alpha0: float,
-    steps: int = 40, lr: float = 0.02,
+    steps: int = 40, lr: float = 0.02, form: str = "gram",
 ) -> list[float]:
     """Candidate clips from gradient descent on ``alpha_e`` through a straight-through rounding.
 
     The differentiable surrogate mirrors :func:`swiglu_clip_quant` (clamp at
     ``alpha * max|h|``, step ``A/127``) with the rounding's gradient passed straight through,
-    and multiplies by the dequantized down weight ``w_down`` ``[H, I]``. Only the alphas it
-    visits are returned; callers judge them with the exact runtime math.
+    and multiplies by the dequantized down weight ``w_down`` ``[H, I]``; the loss is the mean
+    squared output error over the mean squared reference. ``form`` computes its gradient
+    with respect to the fake-quantized ``q`` ``[M, I]`` as ``2 (q W^T - ref) W`` (``direct``)
+    or ``2 (q G - ref W)`` with ``G = W^T W`` computed once (``gram``): equal in exact
+    arithmetic, rounded differently. Only the alphas it visits are returned; callers judge
+    them with the exact runtime math.
     """
+    if form not in REFINE_FORMS:
+        raise ValueError(f"form must be one of {REFINE_FORMS}, got {form!r}")
     h = swiglu_fp32(gate_up)
     hmax = h.abs().amax(dim=-1, keepdim=True)
     ref = reference.to(torch.float32)
     scale = float((ref ** 2).mean()) or 1.0
     log_alpha = torch.tensor(float(torch.log(torch.tensor(alpha0))), requires_grad=True, device=h.device)
     opt = torch.optim.Adam([log_alpha], lr=lr)
+    q_grad = _gram_q_gradient(w_down, ref, scale) if form == "gram" else None
     with torch.enable_grad():  # callers may run under no_grad
-        return _descend(log_alpha, opt, h, hmax, w_down, ref, scale, steps)
+        return _descend(log_alpha, opt, h, hmax, w_down, ref, scale, steps, q_grad)
+
+
+def _gram_q_gradient(w_down: torch.Tensor, ref: torch.Tensor, scale: float
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``q -> d loss / d q`` of the refinement's loss ``mean((q W^T - ref)^2) / scale`` by
+    the Gram form: ``2 (q G - ref W) / (M H scale)``, ``G = W^T W`` ``[I, I]``."""
+    gram = w_down.T @ w_down
+    target = ref @ w_down  # [M, I]
+    norm = 2.0 / (ref.numel() * scale)
+
+    def q_grad(q: torch.Tensor) -> torch.Tensor:
+        return (q @ gram).sub_(target).mul_(norm)
+
+    return q_grad
 
 
 def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tensor, hmax: torch.Tensor,
-             w_down: torch.Tensor, ref: torch.Tensor, scale: float, steps: int) -> list[float]:
-    """The gradient steps of :func:`refine_alpha_ste`; returns the alpha after each step."""
+             w_down: torch.Tensor, ref: torch.Tensor, scale: float, steps: int,
+             q_grad: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """The gradient steps of :func:`refine_alpha_ste`; returns the alpha after each step.
+    ``q_grad`` (the Gram form) gives the loss's gradient at the fake-quantized input; without
+    it the loss is differentiated through the output."""
     visited = []
     # The gradient is a function of log_alpha alone: where a step lands on a log_alpha seen
     # before (typically held at a bound by the clamp, e.g. alpha = 1), reuse it rather than
-    # redo the two matmuls; the bits are those a recomputation would give.
+    # redo the matmuls; the bits are those a recomputation would give.
     seen: dict[float, torch.Tensor] = {}
     for _ in range(steps):
         key = float(log_alpha.detach())
@@ -294,9 +332,12 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
             bound = alpha * hmax
             clipped = torch.minimum(torch.maximum(h, -bound), bound)
             step = torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
-            y = (_ste_round(clipped / step) * step) @ w_down.T
-            loss = ((y - ref) ** 2).mean() / scale
-            loss.backward()
+            q = _ste_round(clipped / step) * step
+            if q_grad is None:
+                loss = ((q @ w_down.T - ref) ** 2).mean() / scale
+                loss.backward()
+            else:
+                q.backward(q_grad(q.detach()))
             seen[key] = log_alpha.grad.detach().clone()
         opt.step()
         with torch.no_grad():
@@ -307,20 +348,25 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
 
 def _alpha_search(products: IntProducts, gate_up: torch.Tensor, down: Int4Operand, w_down: torch.Tensor,
                   reference: torch.Tensor, grid: tuple[float, ...], refine_steps: int, refine_lr: float,
-                  ) -> tuple[float, float, float]:
+                  refine_form: str = "gram") -> tuple[float, float, float]:
     """:func:`search_alpha` on a ready down operand; ``w_down`` fp32 ``[H, I]`` (only used
     for the refinement) holds the weight it stands for, as float."""
     reference64 = reference.to(torch.float64)
+    # SwiGLU and its row maxima do not depend on alpha: once for all the points judged (the
+    # bits of swiglu_clip_quant).
+    h = swiglu_fp32(gate_up)
+    row_max = h.abs().amax(dim=-1, keepdim=True)
 
     def err(a: float) -> float:
-        return _down_error(products, gate_up, a, down, reference64)
+        h_q, h_scale = clip_quant_rows(h, a, row_max)
+        return float(products.squared_errors(h_q, h_scale, down, reference64).sum())
 
     grid_errors = [err(a) for a in grid]
     best_i = min(range(len(grid)), key=lambda i: (grid_errors[i], i))
     best_alpha, best_err = float(grid[best_i]), grid_errors[best_i]
     grid_best = best_alpha
     if refine_steps > 0:
-        path = refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr)
+        path = refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr, refine_form)
         # Judge every REFINE_EVAL_EVERY-th point of the path and its end with the exact math.
         for a in sorted(set(path[REFINE_EVAL_EVERY - 1 :: REFINE_EVAL_EVERY] + path[-1:])):
             e = err(a)
@@ -332,17 +378,20 @@ def _alpha_search(products: IntProducts, gate_up: torch.Tensor, down: Int4Operan
 def search_alpha(
     gate_up: torch.Tensor, q_down: torch.Tensor, s_down: torch.Tensor, reference: torch.Tensor,
     grid: tuple[float, ...] = DEFAULT_ALPHA_GRID, refine_steps: int = 40, refine_lr: float = 0.02,
-    products: IntProducts | None = None,
+    products: IntProducts | None = None, refine_form: str = "gram",
 ) -> tuple[float, float, float]:
     """The activation clip ``alpha_e`` with the least exact output error on these rows.
 
     Grid search with the runtime math (:func:`quantized_down`), then straight-through
     gradient refinement from the grid's best; points of its path (every
-    ``REFINE_EVAL_EVERY``-th and the last) replace it only if their exact error is lower. Returns ``(alpha, its error, the grid's best alpha)``.
+    ``REFINE_EVAL_EVERY``-th and the last) replace it only if their exact error is lower
+    (``refine_form``: see :func:`refine_alpha_ste`). Returns ``(alpha, its error, the grid's
+    best alpha)``.
     """
     products = products or IntProducts()
     return _alpha_search(products, gate_up, products.values_operand(q_down, s_down),
-                         dequantize_per_channel(q_down, s_down), reference, grid, refine_steps, refine_lr)
+                         dequantize_per_channel(q_down, s_down), reference, grid, refine_steps, refine_lr,
+                         refine_form)
 
 
 def _rtn_clips(w: ExpertWeights) -> dict[str, torch.Tensor]:
@@ -444,7 +493,8 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
         w_down = dequantize_per_channel(quantize_with_scale(weights["down"], op_down_at_1.scale, INT4_MAX),
                                         op_down_at_1.scale) if settings.refine_steps > 0 else None
         cand_alpha, _, grid_best = _alpha_search(products, gate_up[fit], op_down_at_1, w_down, reference[fit],
-                                                 settings.alpha_grid, settings.refine_steps, settings.refine_lr)
+                                                 settings.alpha_grid, settings.refine_steps, settings.refine_lr,
+                                                 settings.refine_form)
         del w_down
         if cand_alpha != 1.0:
             cand_down = down_clip_for(cand_alpha)

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the clip search, choose the int4 values by GPTQ with act-order (kept per expert "
                         "only where the held-out tokens do not get worse)")
     p.add_argument("--refine-steps", type=int, default=40, help="straight-through gradient steps refining alpha (0: grid only)")
+    p.add_argument("--refine-form", choices=("gram", "direct"), default="gram",
+                   help="how the refinement's gradient is computed: gram (through W^T W, about 3x less work; the "
+                        "default since converter version 2) or direct (version 1's bits)")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
                    help="also keep modules matching REGEX unquantized (repeatable); defaults: "
                         + ", ".join(DEFAULT_KEEP_BF16))
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     keep = ([] if args.no_default_keep_bf16 else list(DEFAULT_KEEP_BF16)) + list(args.keep_bf16)
     settings = ClipSearchSettings(min_expert_tokens=args.min_expert_tokens, learn_weight_clip=not args.no_weight_clip,
                                   learn_alpha=not args.no_alpha, refine_steps=args.refine_steps,
-                                  gptq=args.gptq)
+                                  refine_form=args.refine_form, gptq=args.gptq)
     report = convert(
         args.src, args.dst, fmt=args.fmt, learn=not args.no_learn, calib=args.calib, tokenizer=args.tokenizer,
         calib_sequences=args.calib_sequences, calib_seq_len=args.calib_seq_len, clip_settings=settings,

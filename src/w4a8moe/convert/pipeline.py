@@ -43,7 +43,8 @@ from w4a8moe.quant import pack_int4_pairs, quantize_int8_per_channel
 
 REPORT_FILE = "conversion_report.json"
 CONFIG_KEY = "w4a8moe"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+"""2: the alpha refinement's gradient by the Gram form by default (1: the direct form)."""
 DEFAULT_CALIB_SEQUENCES = 32
 DEFAULT_CALIB_SEQ_LEN = 256
 HEAD_UNIT = "non_layer"
@@ -120,6 +121,21 @@ class _Run:
         self.reports: dict[str, dict] = {}
         self.unit_keys: list[str] = []
         self.shards_written = 0
+
+
+def _converter_version(clip_settings: ClipSearchSettings | None) -> int:
+    """The converter version a run's output is that of: a learned run with the direct form of
+    the alpha refinement gives version 1's bits (and resumes a version-1 conversion)."""
+    return 1 if clip_settings is not None and clip_settings.refine_form == "direct" else CONVERTER_VERSION
+
+
+def _clip_search_identity(clip_settings: ClipSearchSettings) -> dict:
+    """The clip settings as recorded (and hashed); version 1 had no ``refine_form``, so the
+    direct form leaves it out and keeps version 1's settings hash."""
+    identity = asdict(clip_settings)
+    if clip_settings.refine_form == "direct":
+        del identity["refine_form"]
+    return identity
 
 
 def convert(
@@ -229,10 +245,10 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
         ids, calib_info = calibration_tokens(source, calib, tokenizer, calib_sequences, calib_seq_len)
 
     settings = {
-        "converter_version": CONVERTER_VERSION,
+        "converter_version": _converter_version(clip_settings if learn else None),
         "format": fmt.name,
         "learn": learn,
-        "clip_search": asdict(clip_settings) if learn else None,
+        "clip_search": _clip_search_identity(clip_settings) if learn else None,
         "calibration": calib_info,
         "keep_bf16": list(keep_bf16),
         "max_shard_bytes": max_shard_bytes,
@@ -278,7 +294,7 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
     out_config.pop("quantization_config", None)
     out_config[CONFIG_KEY] = {
         "producer": "w4a8moe convert",
-        "converter_version": CONVERTER_VERSION,
+        "converter_version": settings["converter_version"],
         "format": fmt.name,
         "policy": policy.describe(),
         "w4a8_moe_layers": w4a8_layers,

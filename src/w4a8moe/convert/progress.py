@@ -100,7 +100,8 @@ class ProgressManifest:
             raise ConversionError(
                 f"{self.dst}: cannot resume: this conversion was started with different settings or a different "
                 f"source (settings hash {state.get('settings_hash')} != {self.settings_hash}); use the same "
-                "arguments, or start again in an empty folder"
+                "arguments (a learned conversion started by converter version 1 resumes with --refine-form direct), "
+                "or start again in an empty folder"
             )
         remove_stale_temp_files(self.dst)
         remove_stale_temp_files(self.dir)
