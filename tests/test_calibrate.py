@@ -347,9 +347,9 @@ def test_refinement_reusing_gradients_is_the_plain_descent():
                 gate_up, w_down, reference, alpha0, 40, 0.02)
 
 
-def _ste_gradient(form: str, gate_up, w_down, reference, alpha: float) -> float:
+def _ste_gradient(gate_up, w_down, reference, alpha: float) -> float:
     """d loss / d log(alpha) at ``alpha`` as the refinement computes it (its first step)."""
-    from w4a8moe.calibrate.clips import _descend, _gram_q_gradient
+    from w4a8moe.calibrate.clips import _descend
     from w4a8moe.quant import swiglu_fp32
 
     h = swiglu_fp32(gate_up)
@@ -357,46 +357,60 @@ def _ste_gradient(form: str, gate_up, w_down, reference, alpha: float) -> float:
     ref = reference.float()
     scale = float((ref ** 2).mean())
     log_alpha = torch.tensor(math.log(alpha), requires_grad=True)
-    q_grad = _gram_q_gradient(w_down, ref, scale) if form == "gram" else None
     with torch.enable_grad():
-        _descend(log_alpha, torch.optim.SGD([log_alpha], lr=0.0), h, hmax, w_down, ref, scale, 1, q_grad)
+        _descend(log_alpha, torch.optim.SGD([log_alpha], lr=0.0), h, hmax, w_down, ref, scale, 1)
     return float(log_alpha.grad)
 
 
-def _ste_gradient_float64(gate_up, w_down, reference, alpha: float) -> float:
-    """The same derivative, independently: float64 throughout, the rounding's derivative 0
-    (straight through) written out by hand rather than by autograd."""
+def _fake_quant_float64(gate_up, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, q, d q / d alpha)`` in float64, independently of the package: SwiGLU, the clip at
+    ``alpha max|h|``, rounding on the grid ``A / 127`` with a straight-through derivative."""
     g, u = gate_up.double().chunk(2, dim=-1)
     h = g * torch.sigmoid(g) * u
     hmax = h.abs().amax(dim=-1, keepdim=True)
     bound = alpha * hmax
     step = bound / 127
     z = torch.clamp(h, -bound, bound) / step
-    q = torch.round(z) * step
     inside = (h.abs() < bound).double()
-    # d q / d alpha: the step (A/127, linear in alpha) scales the rounded value; inside the
-    # bound z = h / step falls as the step grows, clipped entries keep z = +-127.
-    dq = (torch.round(z) - inside * z) * step / alpha
-    w = w_down.double()
-    ref = reference.double()
-    scale = float((ref ** 2).mean())
-    dloss_dq = 2 * ((q @ w.T - ref) @ w) / (ref.numel() * scale)
-    return float((dloss_dq * dq).sum() * alpha)  # d / d log(alpha) = alpha d / d alpha
+    # The step (A/127, linear in alpha) scales the rounded value; inside the bound z = h / step
+    # falls as the step grows, clipped entries keep z = +-127.
+    return h, torch.round(z) * step, (torch.round(z) - inside * z) * step / alpha
 
 
-def test_gram_and_direct_gradients_are_the_float64_gradient():
+def _loss_q_gradient_float64(q, w_down, reference) -> torch.Tensor:
+    w, ref = w_down.double(), reference.double()
+    return 2 * ((q @ w.T - ref) @ w) / (ref.numel() * float((ref ** 2).mean()))
+
+
+def _refine_cases():
     from w4a8moe.quant import dequantize_per_channel
 
     for w, x in ((_expert(64), _tokens(65, 80)), _split_behaviour_expert()):
         x_q, x_scale = dynamic_quant_per_token(x)
         gate_up = scaled_int_matmul(x_q, x_scale, *quantize_int4_per_channel(torch.cat((w.gate, w.up))))
-        w_down = dequantize_per_channel(*quantize_int4_per_channel(w.down))
-        reference = expert_reference_output(x, w)
+        yield gate_up, dequantize_per_channel(*quantize_int4_per_channel(w.down)), expert_reference_output(x, w)
+
+
+def test_direct_gradient_is_the_float64_gradient():
+    for gate_up, w_down, reference in _refine_cases():
         for alpha in (0.9, 0.5, 0.23, 0.07):
-            exact = _ste_gradient_float64(gate_up, w_down, reference, alpha)
-            for form in ("gram", "direct"):
-                got = _ste_gradient(form, gate_up, w_down, reference, alpha)
-                assert got == pytest.approx(exact, rel=2e-3, abs=1e-7 * (1 + abs(exact))), (form, alpha)
+            _, q, dq = _fake_quant_float64(gate_up, alpha)
+            exact = float((_loss_q_gradient_float64(q, w_down, reference) * dq).sum() * alpha)  # d / d log(alpha)
+            got = _ste_gradient(gate_up, w_down, reference, alpha)
+            assert got == pytest.approx(exact, rel=2e-3, abs=1e-7 * (1 + abs(exact))), alpha
+
+
+def test_gram_gradient_is_the_float64_gradient():
+    from w4a8moe.calibrate.clips import GramGradient
+
+    for gate_up, w_down, reference in _refine_cases():
+        ref = reference.float()
+        gram = GramGradient(w_down, ref, float((ref ** 2).mean()))
+        for alpha in (0.9, 0.5, 0.23, 0.07):
+            _, q, _ = _fake_quant_float64(gate_up, alpha)
+            exact = _loss_q_gradient_float64(q, w_down, reference)
+            got = gram(q.float()).double()
+            assert float((got - exact).norm() / exact.norm()) < 1e-4, alpha
 
 
 @pytest.mark.parametrize("case", _adversarial_cases(), ids=lambda c: c[0])

@@ -280,9 +280,9 @@ def refine_alpha_ste(
     and multiplies by the dequantized down weight ``w_down`` ``[H, I]``; the loss is the mean
     squared output error over the mean squared reference. ``form`` computes its gradient
     with respect to the fake-quantized ``q`` ``[M, I]`` as ``2 (q W^T - ref) W`` (``direct``)
-    or ``2 (q G - ref W)`` with ``G = W^T W`` computed once (``gram``): equal in exact
-    arithmetic, rounded differently. Only the alphas it visits are returned; callers judge
-    them with the exact runtime math.
+    or, from the second point on, ``2 (q G - ref W)`` with ``G = W^T W`` computed once
+    (``gram``, :class:`GramGradient`): equal in exact arithmetic, rounded differently. Only
+    the alphas it visits are returned; callers judge them with the exact runtime math.
     """
     if form not in REFINE_FORMS:
         raise ValueError(f"form must be one of {REFINE_FORMS}, got {form!r}")
@@ -292,31 +292,41 @@ def refine_alpha_ste(
     scale = float((ref ** 2).mean()) or 1.0
     log_alpha = torch.tensor(float(torch.log(torch.tensor(alpha0))), requires_grad=True, device=h.device)
     opt = torch.optim.Adam([log_alpha], lr=lr)
-    q_grad = _gram_q_gradient(w_down, ref, scale) if form == "gram" else None
+    q_grad = GramGradient(w_down, ref, scale) if form == "gram" else None
     with torch.enable_grad():  # callers may run under no_grad
         return _descend(log_alpha, opt, h, hmax, w_down, ref, scale, steps, q_grad)
 
 
-def _gram_q_gradient(w_down: torch.Tensor, ref: torch.Tensor, scale: float
-                     ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``q -> d loss / d q`` of the refinement's loss ``mean((q W^T - ref)^2) / scale`` by
-    the Gram form: ``2 (q G - ref W) / (M H scale)``, ``G = W^T W`` ``[I, I]``."""
-    gram = w_down.T @ w_down
-    target = ref @ w_down  # [M, I]
-    norm = 2.0 / (ref.numel() * scale)
+class GramGradient:
+    """``q -> d loss / d q`` of the refinement's loss ``mean((q W^T - ref)^2) / scale`` in the
+    Gram form, ``2 (q G - ref W) / (M H scale)`` with ``G = W^T W`` ``[I, I]``.
 
-    def q_grad(q: torch.Tensor) -> torch.Tensor:
-        return (q @ gram).sub_(target).mul_(norm)
+    ``G`` costs about five direct-form steps at DeepSeek-V3 shapes, so it is built on the first
+    call: :func:`_descend` takes its first step in the direct form (Adam's first step moves by
+    the learning rate in the gradient's sign, whatever its last bits) and calls this only once
+    the path leaves its start, which it often never does (alpha held at 1 by the clamp).
+    """
 
-    return q_grad
+    def __init__(self, w_down: torch.Tensor, ref: torch.Tensor, scale: float):
+        self.w_down, self.ref = w_down, ref
+        self.norm = 2.0 / (ref.numel() * scale)
+        self._gram: torch.Tensor | None = None
+        self._target: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        """The gradient at the fake-quantized input ``q`` ``[M, I]``."""
+        if self._gram is None:
+            self._gram = self.w_down.T @ self.w_down
+            self._target = self.ref @ self.w_down  # [M, I]
+        return (q @ self._gram).sub_(self._target).mul_(self.norm)
 
 
 def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tensor, hmax: torch.Tensor,
              w_down: torch.Tensor, ref: torch.Tensor, scale: float, steps: int,
-             q_grad: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+             q_grad: GramGradient | None = None) -> list[float]:
     """The gradient steps of :func:`refine_alpha_ste`; returns the alpha after each step.
-    ``q_grad`` (the Gram form) gives the loss's gradient at the fake-quantized input; without
-    it the loss is differentiated through the output."""
+    With ``q_grad`` (the Gram form) every point after the first takes the loss's gradient at
+    the fake-quantized input from it; otherwise the loss is differentiated through the output."""
     visited = []
     # The gradient is a function of log_alpha alone: where a step lands on a log_alpha seen
     # before (typically held at a bound by the clamp, e.g. alpha = 1), reuse it rather than
@@ -333,7 +343,7 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
             clipped = torch.minimum(torch.maximum(h, -bound), bound)
             step = torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
             q = _ste_round(clipped / step) * step
-            if q_grad is None:
+            if q_grad is None or not seen:
                 loss = ((q @ w_down.T - ref) ** 2).mean() / scale
                 loss.backward()
             else:
