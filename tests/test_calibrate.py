@@ -469,3 +469,26 @@ def test_cuda_products_are_exact_and_the_clips_match_where_the_math_is_exact():
     assert torch.equal(cpu_clip, cuda_clip.cpu())
     clips = learn_expert_clips(x, w, products=cuda)  # the whole search runs there and returns CPU tensors
     assert all(c.device.type == "cpu" for c in clips.weight_clip.values()) and 0 < clips.alpha <= 1
+
+
+def test_fake_quantized_down_is_dequantize_of_quantize():
+    from w4a8moe.calibrate.clips import _fake_quantized
+    from w4a8moe.quant import INT4_MAX, dequantize_per_channel, per_channel_scale, quantize_with_scale
+
+    w = _expert(71, hidden=48, inter=26).down
+    w[3] = 0.0  # an all-zero channel (scale 1)
+    w[5, 7] = 1e4  # an outlier
+    for clip in (1.0, 0.55, 0.1):
+        scale = per_channel_scale(w.abs().amax(dim=-1), INT4_MAX, clip)
+        expected = dequantize_per_channel(quantize_with_scale(w, scale, INT4_MAX), scale)
+        assert torch.equal(_fake_quantized(w, scale).view(torch.int32), expected.view(torch.int32))
+
+
+def test_rows_of_a_float_product_do_not_depend_on_the_other_rows():
+    # The clip search takes the gate/up references as the fit rows of the product over all
+    # tokens; version 1 multiplied the fit rows alone. The same bits, on this build:
+    g = torch.Generator().manual_seed(72)
+    for m, k, n in ((96, 64, 32), (23, 37, 19), (2, 37, 19), (256, 1792, 512)):
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        fit = torch.arange(m) % 4 != 3
+        assert torch.equal((x @ w.T)[fit], x[fit] @ w.T)

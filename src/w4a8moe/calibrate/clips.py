@@ -31,7 +31,6 @@ worse than RTN on the calibration objective.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +45,6 @@ from w4a8moe.quant import (
     dynamic_quant_per_token,
     per_channel_scale,
     quantize_int4_per_channel,
-    quantize_with_scale,
     scale_int32,
     swiglu_clip_quant,
     swiglu_fp32,
@@ -157,9 +155,14 @@ class ExpertClips:
 
 def expert_reference_output(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     """The float expert output ``W_down (silu(W_gate x) * W_up x)`` in fp32 ``[M, H]``."""
+    return _reference_outputs(x, w)[1]
+
+
+def _reference_outputs(x: torch.Tensor, w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fp32 [gate | up] projections [M, 2I], the float expert output [M, H])``."""
     xf = x.to(torch.float32)
     gate_up = torch.cat((xf @ w.gate.T, xf @ w.up.T), dim=-1)
-    return swiglu_fp32(gate_up) @ w.down.T
+    return gate_up, swiglu_fp32(gate_up) @ w.down.T
 
 
 def _gate_up(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor, gate: Int4Operand,
@@ -316,6 +319,8 @@ class GramGradient:
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         """The gradient at the fake-quantized input ``q`` ``[M, I]``."""
         if self._gram is None:
+            # One matmul, not symmetric blocks: those round otherwise, and with these bits the
+            # Gram form learns version 1's clips on every expert of the tests.
             self._gram = self.w_down.T @ self.w_down
             self._target = self.ref @ self.w_down  # [M, I]
         return (q @ self._gram).sub_(self._target).mul_(self.norm)
@@ -404,6 +409,14 @@ def search_alpha(
                          refine_form)
 
 
+def _fake_quantized(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``dequantize_per_channel(quantize_with_scale(weight, scale, INT4_MAX), scale)`` in one
+    fp32 temporary (the int4 values are exact in fp32: the same bits; adding 0 turns the -0
+    that rounding leaves into the int8 path's +0)."""
+    s = scale.unsqueeze(-1)
+    return torch.div(weight, s).round_().clamp_(-INT4_MAX, INT4_MAX).add_(0.0).mul_(s)
+
+
 def _rtn_clips(w: ExpertWeights) -> dict[str, torch.Tensor]:
     return {p: torch.ones(getattr(w, p).shape[0], device=getattr(w, p).device) for p in ("gate", "up", "down")}
 
@@ -457,11 +470,12 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
         return ExpertClips(rtn, 1.0, m, "too_few_tokens",
                            notes=[f"{m} routed tokens < min_expert_tokens={settings.min_expert_tokens}"])
     x_q, x_scale = dynamic_quant_per_token(x)
-    reference = expert_reference_output(x, w)
+    # The gate/up searches match rows of the float projections: those rows of the product
+    # over all tokens (a matmul's row does not depend on the other rows: the same bits).
+    float_gate_up, reference = _reference_outputs(x, w)
     positions = torch.arange(m, device=x.device)
     fit = positions % HELDOUT_EVERY != HELDOUT_EVERY - 1
     held = ~fit
-    xf = x.to(torch.float32)
     # Each weight is checked, converted and reduced to its channel maxima once; its int4
     # operand under a clip vector is built once per distinct use (the per-grid ones of the
     # down projection are shared by both down searches, the clip-1 ones by the RTN output).
@@ -473,11 +487,13 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
         return products.weight_operand(weights[p], per_channel_scale(amax[p], INT4_MAX, clip))
 
     clips = dict(rtn)
+    inter = w.gate.shape[0]
+    projections = {"gate": float_gate_up[:, :inter], "up": float_gate_up[:, inter:]}
     at_1: dict[str, dict[int, Int4Operand]] = {p: {} for p in ("gate", "up")}
     if settings.learn_weight_clip:
         for proj in ("gate", "up"):
             clips[proj], _, _ = _grid_search(products, x_q[fit], x_scale[fit], weights[proj], amax[proj],
-                                             xf[fit] @ getattr(w, proj).T, settings.weight_clip_grid,
+                                             projections[proj][fit], settings.weight_clip_grid,
                                              operands=at_1[proj], keep={0})
     ops = {p: operand(p, clips[p]) for p in ("gate", "up")}
     gate_up = _gate_up(products, x_q, x_scale, ops["gate"], ops["up"])
@@ -500,8 +516,7 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
     notes: list[str] = []
     down, op_down = down_at_1, op_down_at_1
     if settings.learn_alpha:
-        w_down = dequantize_per_channel(quantize_with_scale(weights["down"], op_down_at_1.scale, INT4_MAX),
-                                        op_down_at_1.scale) if settings.refine_steps > 0 else None
+        w_down = _fake_quantized(weights["down"], op_down_at_1.scale) if settings.refine_steps > 0 else None
         cand_alpha, _, grid_best = _alpha_search(products, gate_up[fit], op_down_at_1, w_down, reference[fit],
                                                  settings.alpha_grid, settings.refine_steps, settings.refine_lr,
                                                  settings.refine_form)
