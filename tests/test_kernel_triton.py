@@ -427,3 +427,22 @@ def test_cuda_load_model_and_generate(tmp_path):
         _assert_bitwise(b.routed_experts(x.cuda(), weights.cuda(), ids.cuda()), a.routed_experts(x, weights, ids))
     text = generate_text(tmp_path / "q", "ab", max_new_tokens=4, stream=False, model=gpu_model)
     assert isinstance(text, str)
+
+
+def test_padded_int_mm_is_exact_on_every_shape_rule():
+    # The one padding rule of both CUDA paths (K, N to multiples of 8; more than 16 rows), run
+    # here through torch._int_mm on the CPU: zero padding must not change a product.
+    from w4a8moe.kernels.cuda_int_mm import int_mm_padded, pad_weight_for_int_mm
+
+    g = torch.Generator().manual_seed(9)
+    for m, n, k in [(0, 8, 16), (1, 24, 64), (5, 13, 70), (16, 8, 8), (17, 13, 70), (40, 3, 1)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        a[:1] = -128  # the extreme row
+        expect = a.to(torch.int64) @ b.to(torch.int64).T
+        padded = pad_weight_for_int_mm(b)
+        assert (padded is None) == (n % 8 == 0 and k % 8 == 0)
+        for kept in (None, padded):
+            out = int_mm_padded(a, b, kept)
+            assert out.dtype == torch.int32 and out.shape == (m, n)
+            assert torch.equal(out.to(torch.int64), expect)

@@ -188,27 +188,23 @@ def get_backend(name: str | None = None, device: torch.device | str | None = Non
 def int_matmul_backend(device: torch.device | str | None = None):
     """A backend whose :meth:`ExpertBackend.int_matmul` runs on ``device`` (default CPU).
 
-    CPU: :func:`get_backend` (the native kernel where it builds, else the reference). CUDA:
-    the registered ``"triton"`` backend where it exists and runs here, else
-    :class:`w4a8moe.kernels.cuda_int_mm.CudaIntMatmul` (``torch._int_mm``). Either way the
+    :func:`get_backend` for ``device`` (the native kernel on the CPU, Triton on CUDA), except
+    that on CUDA without Triton :class:`w4a8moe.kernels.cuda_int_mm.CudaIntMatmul`
+    (``torch._int_mm``) replaces the reference backend's float64 products. Either way the
     products are exact int32, so the clip search gives the same integers on every device.
     """
-    kind = torch.device(device or "cpu").type
-    if kind == "cpu":
-        return get_backend()
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            # Checked here, not by the backend: Triton's interpreter would run "CUDA" on the CPU.
-            raise RuntimeError(f"device {device} requested, but torch sees no CUDA device")
-        _load_builtin()
-        triton = _FACTORIES.get("triton")
-        backend = triton() if triton is not None else None
-        if backend is not None and hasattr(backend, "int_matmul"):
-            return backend
+    kind = _device_type(device)
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"no exact integer matmul for device {device!r} (expected cpu or cuda)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        # Checked here, not by the backend: Triton's interpreter would run "CUDA" on the CPU.
+        raise RuntimeError(f"device {device} requested, but torch sees no CUDA device")
+    backend = get_backend(device=device)
+    if kind == "cuda" and backend.name == "reference":
         from w4a8moe.kernels.cuda_int_mm import CudaIntMatmul
 
         return CudaIntMatmul(torch.device(device))
-    raise ValueError(f"no exact integer matmul for device {device!r} (expected cpu or cuda)")
+    return backend
 
 
 def _load_builtin() -> None:

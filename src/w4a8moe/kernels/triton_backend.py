@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from w4a8moe.kernels.base import PackedExpertWeights, register_backend
+from w4a8moe.kernels.cuda_int_mm import int_mm_padded, pad_weight_for_int_mm
 from w4a8moe.quant import dynamic_quant_per_token
 from w4a8moe.quant.matmul import scale_int32
 
@@ -124,10 +125,6 @@ class TritonInt8Linear:
     weight: torch.Tensor
     scale: torch.Tensor
     padded: torch.Tensor | None
-
-
-def _round_up(value: int, to: int) -> int:
-    return (value + to - 1) // to * to
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> None:
@@ -376,9 +373,7 @@ class TritonBackend:
         if weight_scale.numel() != n:
             raise ValueError(f"expected {n} weight scales, got {weight_scale.numel()}")
         weight_q = weight_q.contiguous()
-        padded = None
-        if weight_q.device.type == "cuda" and (n % 8 or k % 8):
-            padded = torch.nn.functional.pad(weight_q, (0, _round_up(k, 8) - k, 0, _round_up(n, 8) - n))
+        padded = pad_weight_for_int_mm(weight_q) if weight_q.device.type == "cuda" else None
         return TritonInt8Linear(weight_q, weight_scale.reshape(-1).to(torch.float32).contiguous(), padded)
 
     def int8_linear(self, prepared: TritonInt8Linear, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
@@ -411,23 +406,8 @@ class TritonBackend:
                 raise OverflowError("int32 accumulator overflow")
             return total.to(torch.int32)
         if a_q.device.type == "cuda":
-            return self._int_mm_cuda(a_q, b_q, b_padded)
+            return int_mm_padded(a_q, b_q, b_padded)
         return self.int_matmul_triton(a_q, b_q)
-
-    @staticmethod
-    def _int_mm_cuda(a_q: torch.Tensor, b_q: torch.Tensor, b_padded: torch.Tensor | None) -> torch.Tensor:
-        """``torch._int_mm`` zero-padded to its rules (M > 16; K, N multiples of 8): exact."""
-        m, k = a_q.shape
-        n = b_q.shape[0]
-        kp, np_ = _round_up(k, 8), _round_up(n, 8)
-        b = b_padded if b_padded is not None else b_q
-        if b.shape != (np_, kp):
-            b = torch.nn.functional.pad(b_q, (0, kp - k, 0, np_ - n))
-        a = a_q
-        if m <= 16 or kp != k:
-            a = torch.nn.functional.pad(a_q, (0, kp - k, 0, max(17 - m, 0)))
-        out = torch._int_mm(a.contiguous(), b.t())
-        return out[:m, :n].contiguous() if out.shape != (m, n) else out
 
     def int_matmul_triton(self, a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
         """The same product with the Triton int8 GEMM (one "expert", no scales); K <= 65536."""
