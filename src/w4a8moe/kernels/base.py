@@ -38,6 +38,21 @@ class PackedExpertWeights:
         return self.w13.shape[1]
 
 
+@dataclass
+class PreparedExperts:
+    """A layer's routed experts as one backend multiplies them (its ``prepare_experts``):
+    the gate|up weight ``w13`` and down weight ``w2`` in the backend's own layout (its
+    subclass says which), their fp32 scales, and the shapes they stand for."""
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+
 class ExpertBackend(Protocol):
     """What the MoE layer needs from a kernel backend."""
 

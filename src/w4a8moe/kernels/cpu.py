@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from w4a8moe.kernels.base import PackedExpertWeights, register_backend
+from w4a8moe.kernels.base import PackedExpertWeights, PreparedExperts, register_backend
 from w4a8moe.quant import INT4_MAX, dynamic_quant_per_token, int8_matmul_int32, scaled_int_matmul, swiglu_fp32
 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
@@ -399,19 +399,10 @@ def silu_tables() -> SiluTables:
 # ---- the backend --------------------------------------------------------------------------
 
 
-@dataclass
-class CpuPreparedExperts:
+class CpuPreparedExperts(PreparedExperts):
     """Experts re-laid for the kernel: ``w13`` uint8 ``[E, layout_bytes(2I, H)]``, ``w2`` uint8
     ``[E, layout_bytes(H, I)]`` (4 bits per weight, blocked for VNNI), scales fp32 padded to a
     multiple of 32 channels per expert."""
-
-    w13: torch.Tensor
-    w13_scale: torch.Tensor
-    w2: torch.Tensor
-    w2_scale: torch.Tensor
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
 
 
 @dataclass

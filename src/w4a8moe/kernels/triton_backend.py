@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from w4a8moe.kernels.base import PackedExpertWeights, register_backend
+from w4a8moe.kernels.base import PackedExpertWeights, PreparedExperts, register_backend
 from w4a8moe.kernels.cuda_int_mm import int_mm_padded, pad_weight_for_int_mm
 from w4a8moe.quant import dynamic_quant_per_token
 from w4a8moe.quant.matmul import scale_int32
@@ -100,21 +100,12 @@ def default_gemm_config(rows: int, num_experts: int) -> GemmConfig:
     return GemmConfig(128, 64, 128, num_warps=8, num_stages=3)
 
 
-@dataclass
-class TritonPreparedExperts:
+class TritonPreparedExperts(PreparedExperts):
     """The experts on the device, still packed (4 bits per weight, the SPEC-4 layout).
 
     ``w13`` int8 ``[E, I, H]``, ``w13_scale`` fp32 ``[E, 2I]``, ``w2`` int8 ``[E, H/2, I]``,
     ``w2_scale`` fp32 ``[E, H]``, all contiguous.
     """
-
-    w13: torch.Tensor
-    w13_scale: torch.Tensor
-    w2: torch.Tensor
-    w2_scale: torch.Tensor
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
 
 
 @dataclass
