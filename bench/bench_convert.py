@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -358,7 +357,8 @@ def _check_memory(need_gb: float) -> None:
 
 
 def bench_scale(experts_list: list[int], learned_experts: list[int], dtypes: list[str], threads: int,
-                calib_sequences: int, max_shard_bytes: int, tmp_root: Path | None) -> None:
+                calib_sequences: int, max_shard_bytes: int, tmp_root: Path | None,
+                tokens_per_expert: int | None = None) -> None:
     mib = 2**20
     rows = []
     for experts in experts_list:
@@ -374,28 +374,42 @@ def bench_scale(experts_list: list[int], learned_experts: list[int], dtypes: lis
                       f"(built in {time.perf_counter() - t0:.0f} s)", flush=True)
                 modes = [("RTN", dict(learn=False))]
                 if experts in learned_experts:
-                    modes.append(("learned", dict(calib_sequences=calib_sequences, calib_seq_len=256)))
+                    sequences = calib_sequences if tokens_per_expert is None else _calib_sequences_for(
+                        experts, config.get("num_experts_per_tok", 8), tokens_per_expert)
+                    modes.append(("learned", dict(calib_sequences=sequences, calib_seq_len=256)))
                 for mode, kwargs in modes:
                     _check_memory(4.0)
                     dst = tmp / f"out-{mode}"
                     r = _run(src, dst, max_shard_bytes=max_shard_bytes, num_threads=threads, **kwargs)
                     shutil.rmtree(dst, ignore_errors=True)
                     rows.append(dict(experts=experts, dtype=dtype, mode=mode, seconds=r["timing"]["seconds"],
+                                     calib=kwargs.get("calib_sequences"),
                                      mb_s=r["timing"]["source_mb_per_s"], src_bytes=r["timing"]["source_bytes"],
                                      peak_rss=r["memory"]["peak_rss_bytes"], peak_anon=r["peak_anon_bytes"],
                                      base=r["baseline_rss_bytes"], expert_bytes=expert_bytes,
                                      layer_bytes=layer_bytes))
                     x = rows[-1]
+                    calib = f" ({x['calib']} x 256 calibration tokens)" if x["calib"] else ""
                     print(f"  {mode:8} {x['seconds']:7.1f} s, peak RSS {x['peak_rss'] / mib:6.0f} MiB, "
-                          f"peak anon {(x['peak_anon'] or 0) / mib:6.0f} MiB", flush=True)
-    _print_scale(rows, max_shard_bytes, calib_sequences)
+                          f"peak anon {(x['peak_anon'] or 0) / mib:6.0f} MiB{calib}", flush=True)
+    _print_scale(rows, max_shard_bytes, calib_sequences, tokens_per_expert)
 
 
-def _print_scale(rows: list[dict], max_shard_bytes: int, calib_sequences: int) -> None:
+def _calib_sequences_for(experts: int, top_k: int, tokens_per_expert: int) -> int:
+    """Calibration sequences of 256 tokens giving each of ``experts`` about
+    ``tokens_per_expert`` routed tokens (top-``top_k`` routing)."""
+    return max(1, round(tokens_per_expert * experts / top_k / 256))
+
+
+def _print_scale(rows: list[dict], max_shard_bytes: int, calib_sequences: int,
+                 tokens_per_expert: int | None = None) -> None:
     mib = 2**20
+    calib = (f"--calib-sequences {calib_sequences} x 256 tokens" if tokens_per_expert is None else
+             f"calibration sequences scaled with the experts, about {tokens_per_expert} routed tokens per expert "
+             f"(so the slope holds the calibration forward of the added tokens, as the real model's default "
+             f"calibration of 32 sequences for 256 experts would)")
     print(f"\nDeepSeek-V3 layer shapes (hidden 7168, expert intermediate 2048, MLA), one dense + one MoE "
-          f"layer; --max-shard-size {max_shard_bytes / mib:.0f}MiB; learned: --calib-sequences "
-          f"{calib_sequences} x 256 tokens")
+          f"layer; --max-shard-size {max_shard_bytes / mib:.0f}MiB; learned: {calib}")
     header = (f"{'run':22} {'experts':>7} {'sec':>7} {'s/expert':>8} {'MB/s':>7} {'peak RSS':>9} {'peak anon':>9} "
               f"{'base':>6} {'expert':>7} {'layer':>7} {'RSS/layer':>9}")
     print(header)
@@ -455,15 +469,19 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=2,
                         help="--scale learned runs: calibration sequences of 256 tokens (2: about the 256 "
                              "tokens per expert the default calibration gives on the real model)")
+    parser.add_argument("--tokens-per-expert", type=int, default=None,
+                        help="--scale learned runs: scale the calibration sequences with the expert count to give "
+                             "each expert about this many routed tokens (256: the real model's default), instead "
+                             "of a fixed --calib-sequences (whose tokens per expert fall as experts are added)")
     parser.add_argument("--max-shard-size", type=int, default=256 << 20,
                         help="--scale: output shard bytes (default 256 MiB, below one 16-expert layer's output)")
     parser.add_argument("--tmp", type=Path, default=None, help="--scale: where the sources go (default: $TMPDIR)")
     args = parser.parse_args()
     if args.scale:
         experts = args.experts or ([4, 8] if args.quick else [16, 64])
-        learned = args.learned_experts if args.learned_experts is not None else ([] if args.quick else [16])
+        learned = args.learned_experts if args.learned_experts is not None else ([] if args.quick else [16, 64])
         bench_scale(experts, learned, args.dtypes.split(","), args.threads, args.calib_sequences,
-                    args.max_shard_size, args.tmp)
+                    args.max_shard_size, args.tmp, args.tokens_per_expert)
         return
     bench_throughput(args.quick, args.threads)
     if args.heldout:
