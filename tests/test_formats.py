@@ -431,6 +431,23 @@ def test_structure_only_open_skips_values_but_layers_are_checked(tmp_path):
     ckpt.moe_layer(2)  # the sound layer still loads
 
 
+@pytest.mark.parametrize("tensor", ["weight", "e_score_correction_bias"])
+def test_router_tensors_are_value_checked_by_name_under_any_open(tmp_path, tensor):
+    path = _write(tmp_path, COMPRESSED_TENSORS)
+    name = f"model.layers.1.mlp.gate.{tensor}"
+    _edit_tensor(path, name, lambda t: t.index_fill_(-1, torch.tensor([2]), float("nan")))
+    ckpt = open_checkpoint(path, validate="structure")
+    with pytest.raises(CheckpointError, match=name):
+        ckpt.load_router(1)
+    weight, bias = ckpt.load_router(2)
+    stored = load_file(ckpt.reader.infos["model.layers.2.mlp.gate.weight"].file)
+    assert torch.equal(weight, stored["model.layers.2.mlp.gate.weight"])
+    assert torch.equal(bias, stored["model.layers.2.mlp.gate.e_score_correction_bias"].float())
+    with pytest.raises(CheckpointError, match="no W4A8 experts"):
+        ckpt.load_router(0)
+    _expect_error(path, name, "NaN")
+
+
 def test_header_parser_rejects_garbage(tmp_path):
     f = tmp_path / "x.safetensors"
     f.write_bytes(b"\x05\x00")

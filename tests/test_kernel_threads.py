@@ -252,6 +252,35 @@ def test_kernel_runs_in_a_forked_child():
     assert result == {"hung": False, "same": True, "team": 1}
 
 
+_SECOND_RUNTIME = """
+import ctypes, json, sys
+import torch
+torch.set_num_threads(2)
+torch.randn(2048, 2048).mul_(1.5)  # torch's runtime is up, with its team
+ctypes.CDLL(sys.argv[1])  # a second runtime, as a wheel's bundled libgomp brings one (vLLM: sentencepiece's)
+torch.set_num_threads = lambda n: None  # as vLLM's CPU worker does once it has bound its threads
+from w4a8moe.kernels import cpu
+path, why = cpu.torch_openmp_runtime()
+print(json.dumps({"path": path, "why": why, "mapped": cpu._mapped_openmp_runtimes(), "threads": torch.get_num_threads()}))
+"""
+
+
+def test_torchs_runtime_found_beside_a_second_one_without_torch_set_num_threads():
+    compiler = cpu_mod._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler: no second libgomp to load")
+    other = os.path.realpath(subprocess.run([compiler, "-print-file-name=libgomp.so.1"], capture_output=True,
+                                            text=True).stdout.strip())
+    if not os.path.isfile(other) or os.path.dirname(torch.__file__) in other:
+        pytest.skip(f"no libgomp apart from torch's: {other!r}")
+    proc = subprocess.run([sys.executable, "-c", _SECOND_RUNTIME, other], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert other in [os.path.realpath(p) for p in result["mapped"]] and len(result["mapped"]) == 2, result
+    assert result["path"] is not None and result["path"] != other, result
+    assert result["threads"] == 2, result  # the probe left the count as it was
+
+
 def test_serial_build_where_torchs_runtime_is_not_found(monkeypatch):
     backend = _native_or_skip()
     three_threads = cpu_mod.CpuBackend("native", num_threads=3)

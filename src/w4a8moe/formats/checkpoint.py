@@ -205,12 +205,35 @@ class Checkpoint:
 
     def load_moe_layer_tensors(self, layer: int) -> QuantizedMoELayer:
         """Load and validate one MoE layer's tensors; raise :class:`CheckpointError` on any defect."""
+        return self._read_checked(layer, self._read_moe_layer)
+
+    def load_router(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router of MoE layer ``layer``: its weight ``[E, H]`` (as stored) and, for ``noaux_tc``
+        routing, the fp32 ``e_score_correction_bias`` ``[E]`` (else ``None``); value-checked
+        whatever ``validate`` the checkpoint was opened with. Raises :class:`CheckpointError`
+        naming the tensor."""
+        return self._read_checked(layer, self._read_router)
+
+    def _read_checked(self, layer: int, read):
         if layer not in self.moe_layers:
             raise CheckpointError(f"layer {layer} has no W4A8 experts; W4A8 MoE layers are {self.moe_layers}")
         problems = _Problems()
-        tensors = self._read_moe_layer(layer, problems)
+        out = read(layer, problems)
         problems.raise_if_any(self.path)
-        return tensors
+        return out
+
+    def _read_router(self, layer: int, problems: _Problems) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mc = self.model_config
+        base = f"{mc.names.layer_prefix(layer)}.{mc.names.router}"
+        router = self.reader.get(f"{base}.weight")
+        if not bool(torch.isfinite(router).all()):
+            problems.add(f"tensor '{base}.weight' holds NaN or Inf")
+        correction = None
+        if mc.routing.method == "noaux_tc":
+            correction = self.reader.get(f"{base}.e_score_correction_bias").to(torch.float32)
+            if not bool(torch.isfinite(correction).all()):
+                problems.add(f"tensor '{base}.e_score_correction_bias' holds NaN or Inf")
+        return router, correction
 
     def _read_moe_layer(self, layer: int, problems: _Problems, keep: bool = True) -> QuantizedMoELayer | None:
         """Read one MoE layer, adding every defect found to ``problems``.
@@ -243,15 +266,7 @@ class Checkpoint:
                     scales[proj][expert] = loaded.scale
             if not keep:
                 self.reader.close()
-        router = self.reader.get(f"{prefix}.{names.router}.weight")
-        if not bool(torch.isfinite(router).all()):
-            problems.add(f"tensor '{prefix}.{names.router}.weight' holds NaN or Inf")
-        correction = None
-        if mc.routing.method == "noaux_tc":
-            cname = f"{prefix}.{names.router}.e_score_correction_bias"
-            correction = self.reader.get(cname).to(torch.float32)
-            if not bool(torch.isfinite(correction).all()):
-                problems.add(f"tensor {cname!r} holds NaN or Inf")
+        router, correction = self._read_router(layer, problems)
         shared = None
         shared_gate = None
         if mc.shared_intermediate_size:

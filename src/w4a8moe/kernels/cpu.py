@@ -137,18 +137,25 @@ def _runtime_max_threads(path: str) -> int | None:
 def _drives_runtime(path: str, probe: bool) -> bool:
     """Whether torch's thread count is this runtime's ``omp_get_max_threads`` (read on the
     calling thread, where ``torch.set_num_threads`` sets it). With ``probe`` it also follows
-    a change: ``torch.set_num_threads(1)``, then back (never above the current count, which
-    would make torch start threads of its other pools)."""
+    a change made in the runtime itself (its ``omp_set_num_threads``, then back): no torch call
+    that sets threads is needed (vLLM's CPU worker turns ``torch.set_num_threads`` into a
+    no-op after binding its threads), and no parallel region runs, so no thread starts."""
     saved = torch.get_num_threads()
     if _runtime_max_threads(path) != saved:
         return False
-    if not probe or saved == 1:
+    if not probe:
         return True
     try:
-        torch.set_num_threads(1)
-        return _runtime_max_threads(path) == 1
+        set_threads = ctypes.CDLL(path).omp_set_num_threads
+    except (OSError, AttributeError):
+        return False
+    set_threads.argtypes = [ctypes.c_int]
+    other = 1 if saved > 1 else 2
+    set_threads(other)
+    try:
+        return torch.get_num_threads() == other
     finally:
-        torch.set_num_threads(saved)
+        set_threads(saved)
 
 
 @functools.lru_cache(maxsize=1)

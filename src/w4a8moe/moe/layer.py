@@ -10,7 +10,7 @@ from w4a8moe.formats.layer_tensors import QuantizedMoELayer
 from w4a8moe.formats.model_config import RoutingConfig
 from w4a8moe.kernels import ExpertBackend, PackedExpertWeights, get_backend
 from w4a8moe.moe.linear import W8A8Linear
-from w4a8moe.moe.routing import select_experts
+from w4a8moe.moe.routing import route
 from w4a8moe.quant import silu_and_mul
 
 
@@ -207,8 +207,7 @@ class W4A8MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
-        logits = F.linear(x.to(torch.float32), self.router_weight)
-        return select_experts(logits, self.routing, self.correction_bias)
+        return route(x, self.router_weight, self.routing, self.correction_bias)
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor."""

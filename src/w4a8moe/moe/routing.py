@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from w4a8moe.formats.model_config import RoutingConfig
 
@@ -60,3 +61,12 @@ def select_experts(
             logits, correction_bias, config.top_k, config.n_group, config.topk_group, config.norm_topk_prob
         )
     return route_softmax_topk(logits, config.top_k, config.norm_topk_prob)
+
+
+def route(
+    x: torch.Tensor, router_weight: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits of ``x`` ``[M, H]`` in fp32 (SPEC 3; ``router_weight`` ``[E, H]``, best held
+    in fp32 already), then :func:`select_experts`: ``(weights fp32 [M, k], ids int64 [M, k])``."""
+    logits = F.linear(x.to(torch.float32), router_weight.to(torch.float32))
+    return select_experts(logits, config, correction_bias)

@@ -9,15 +9,19 @@
   it receives: vLLM reports no missing weights for quantized models, so
   ``process_weights_after_loading`` refuses a layer any of whose local tensors never
   arrived, naming it; then the backend re-lays the experts once.
-- ``apply`` calls the ``w4a8moe::moe_experts`` op (:mod:`.ops`).
+- The method is *monolithic*: vLLM hands ``apply_monolithic`` its router logits, which are
+  ignored; the ``w4a8moe::moe_experts`` op (:mod:`.ops`) routes with the project's fp32
+  routing (SPEC 3) from the router tensors read and value-checked from the checkpoint here
+  (why not vLLM's logits: see :mod:`.ops`), after checking that vLLM routes this layer the
+  same way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from w4a8moe.errors import CheckpointError
-from w4a8moe.formats.model_config import EXPERT_PROJECTIONS
+from w4a8moe.errors import CheckpointError, ConfigError
+from w4a8moe.formats.model_config import EXPERT_PROJECTIONS, RoutingConfig
 from w4a8moe.integrations.vllm import format_adapter, ops
 from w4a8moe.kernels import PackedExpertWeights, get_backend
 
@@ -25,6 +29,28 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 
 _SHARD_PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
 _PARAM_PREFIX = {"gate": "w13", "up": "w13", "down": "w2"}
+
+
+def check_routing_matches(prefix: str, layer, routing: RoutingConfig) -> None:
+    """Raise :class:`ConfigError` unless vLLM's routing options for the MoE layer ``layer``
+    (a ``RoutedExperts``) are those of the checkpoint's ``routing``: the plugin's op routes by
+    the latter, and a mismatch would serve another model than vLLM built."""
+    noaux = routing.method == "noaux_tc"
+    found = {"top_k": layer.top_k, "renormalize": layer.renormalize, "sigmoid scores": layer.scoring_func == "sigmoid",
+             "custom routing function": layer.custom_routing_function is not None}
+    expected = {"top_k": routing.top_k, "renormalize": routing.norm_topk_prob, "sigmoid scores": noaux,
+                "custom routing function": False}
+    if noaux:
+        found["groups"], expected["groups"] = (layer.num_expert_group, layer.topk_group), (routing.n_group,
+                                                                                           routing.topk_group)
+    # vLLM folds the factor into the weights (and the op then does) or scales the output itself.
+    if layer.routed_scaling_factor not in (1.0, routing.routed_scaling_factor):
+        found["routed_scaling_factor"], expected["routed_scaling_factor"] = (layer.routed_scaling_factor,
+                                                                             routing.routed_scaling_factor)
+    wrong = [f"{k} {found[k]!r} (expected {expected[k]!r})" for k in found if found[k] != expected[k]]
+    if wrong:
+        raise ConfigError(f"{prefix}: vLLM routes this MoE layer unlike the checkpoint's config.json ({routing}): "
+                          + ", ".join(wrong))
 
 
 class W4A8MoEMethod(FusedMoEMethodBase):
@@ -45,6 +71,10 @@ class W4A8MoEMethod(FusedMoEMethodBase):
 
     def get_fused_moe_quant_config(self, layer):
         return None
+
+    @property
+    def is_monolithic(self) -> bool:
+        return True
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
@@ -145,6 +175,9 @@ class W4A8MoEMethod(FusedMoEMethodBase):
             s = getattr(layer, name).data
             if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
                 raise CheckpointError(f"{self.prefix}.{name}: scales must be finite and > 0 after loading")
+        routing = self.quant_config.checkpoint.model_config.routing
+        check_routing_matches(self.prefix, layer, routing)
+        router_weight, correction_bias = self.quant_config.checkpoint.load_router(self.layer_index)
         backend = get_backend()
         weights = PackedExpertWeights(layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data,
                                       layer.w2_weight_scale.data)
@@ -155,6 +188,10 @@ class W4A8MoEMethod(FusedMoEMethodBase):
         parallel = layer.moe_config.moe_parallel_config
         group = self.quant_config.parallel_group()
         ops.MOE_LAYERS[self.prefix] = ops.MoEState(
+            router_weight=router_weight.to(torch.float32),
+            correction_bias=correction_bias,
+            routing=routing,
+            weight_scale=float(layer.routed_scaling_factor),
             backend=backend,
             prepared=prepared,
             w2_scale=layer.w2_weight_scale.data.clone(),
@@ -170,6 +207,6 @@ class W4A8MoEMethod(FusedMoEMethodBase):
             for name in ("w13_weight", "w2_weight"):
                 getattr(layer, name).data = torch.empty(0, dtype=torch.int8)
 
-    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
-        return torch.ops.w4a8moe.moe_experts(x, topk_weights, topk_ids, self.prefix).to(x.dtype)
+    def apply_monolithic(self, layer, x: torch.Tensor, router_logits: torch.Tensor,
+                         input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.w4a8moe.moe_experts(x, self.prefix).to(x.dtype)

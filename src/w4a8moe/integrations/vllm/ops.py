@@ -1,9 +1,17 @@
-"""The plugin's torch custom ops: the expert computation and the W8A8 Linear, opaque to Dynamo.
+"""The plugin's torch custom ops: routing plus the expert computation, and the W8A8 Linear,
+opaque to Dynamo.
 
 vLLM's default (compiled) mode traces the model with Dynamo; the project's backends are
 Python plus ctypes, which Dynamo cannot trace. Each op therefore takes the activations and
 the *name* of its layer (a constant in the graph) and looks the layer's prepared state up in
 this process's registry, filled by the layer methods after loading.
+
+The MoE op routes itself (the project's :func:`w4a8moe.moe.route`: fp32 logits, SPEC 3) from
+router tensors the plugin reads from the checkpoint, and never reads vLLM's router logits:
+in vLLM 0.32's compiled CPU graphs those come from ``_C::onednn_mm``, which writes its output
+in place without Inductor seeing the write, so Inductor may schedule the routing math before
+the GEMM has run (seen on DeepSeek-V3: routing on uninitialised memory, weights like 0.25 or
+1/3 each).
 
 Parallel ranks (SPEC 7b) exchange what exactness needs inside the ops: under tensor
 parallelism each row's max and the int32 partial accumulations
@@ -19,8 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from w4a8moe.formats.model_config import RoutingConfig
 from w4a8moe.kernels import ExpertBackend, combine_rows
 from w4a8moe.kernels.split import split_expert_rows, split_int8_linear
+from w4a8moe.moe.routing import route
 
 
 @dataclass
@@ -53,8 +63,12 @@ class ParallelGroup:
 
 @dataclass
 class MoEState:
-    """One MoE layer's prepared experts on this rank."""
+    """One MoE layer's router and prepared experts on this rank."""
 
+    router_weight: torch.Tensor  # fp32 [E_global, H]
+    correction_bias: torch.Tensor | None  # fp32 [E_global] (noaux_tc routing)
+    routing: RoutingConfig
+    weight_scale: float  # what vLLM's router would fold into the weights (1.0 where the runner scales)
     backend: ExpertBackend
     prepared: object
     w2_scale: torch.Tensor  # fp32 [E_local, H]
@@ -84,7 +98,7 @@ _DUMPED: dict[str, int] = {}
 LINEAR_LAYERS: dict[str, LinearState] = {}
 
 
-def _route(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sort_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(order, token_ids, expert_offsets)`` for flat rows sorted stably by expert id, as
     :meth:`w4a8moe.moe.W4A8MoE.routed_experts` sorts them."""
     k = ids.shape[1]
@@ -95,18 +109,19 @@ def _route(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Ten
     return order, torch.div(order, k, rounding_mode="floor"), offsets
 
 
-def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: str) -> torch.Tensor:
-    """``sum_k w_k * expert_k(x)`` for bf16 ``x`` ``[M, H]``: bf16 ``[M, H]``, this rank's share
-    of the group sum (see the module docstring)."""
+def moe_experts(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """``sum_k w_k * expert_k(x)`` for bf16 ``x`` ``[M, H]`` under the project's routing: bf16
+    ``[M, H]``, this rank's share of the group sum (see the module docstring)."""
     st = MOE_LAYERS[layer]
     m, hidden = x.shape
     if m == 0:
         return torch.zeros((0, hidden), dtype=x.dtype)
     x = x.to(torch.bfloat16)
-    ids = topk_ids.to(torch.int64)
-    weights = topk_weights.to(torch.float32)
+    weights, ids = route(x, st.router_weight, st.routing, st.correction_bias)
+    if st.weight_scale != 1.0:
+        weights = weights * st.weight_scale
     x_q, x_scale = st.backend.quantize_per_token(x)
-    order, token_ids, offsets = _route(ids, st.num_global_experts)
+    order, token_ids, offsets = _sort_rows(ids, st.num_global_experts)
     row_weights = weights.reshape(-1)[order]
     if st.ep.world > 1:
         # This rank's experts on their rows, scattered to the rows' flat positions, then
@@ -114,7 +129,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
         local_ids = st.expert_map[ids]
         keep = (local_ids >= 0).reshape(-1)
         flat_pos = torch.nonzero(keep).reshape(-1)
-        local_order, local_tokens, local_offsets = _route(local_ids.reshape(-1)[flat_pos].reshape(-1, 1),
+        local_order, local_tokens, local_offsets = _sort_rows(local_ids.reshape(-1)[flat_pos].reshape(-1, 1),
                                                           st.alpha.numel())
         local_rows = st.backend.grouped_forward(st.prepared, x_q, x_scale,
                                                 torch.div(flat_pos[local_order], ids.shape[1], rounding_mode="floor"),
@@ -163,12 +178,12 @@ def int8_linear(x: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 @torch.library.custom_op("w4a8moe::moe_experts", mutates_args=())
-def _moe_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: str) -> torch.Tensor:
-    return moe_experts(x, topk_weights, topk_ids, layer)
+def _moe_experts_op(x: torch.Tensor, layer: str) -> torch.Tensor:
+    return moe_experts(x, layer)
 
 
 @_moe_experts_op.register_fake
-def _(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: str) -> torch.Tensor:
+def _(x: torch.Tensor, layer: str) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.bfloat16)
 
 
