@@ -492,10 +492,11 @@ def main() -> None:
                         help="only the whole block among a decoder layer's torch work (and the DRAM probe)")
     parser.add_argument("--wait-policies", action="store_true",
                         help="also time the interleaved block under each OMP_WAIT_POLICY, one process each "
-                             "(always done without --quick)")
+                             "(always done without --quick; with --block-only, only that table)")
     args = parser.parse_args()
     if args.block_only:
-        block_only(args.quick)
+        # With --wait-policies: only the table (its "default" row is a plain --block-only run).
+        wait_policy_table(args.quick) if args.wait_policies else block_only(args.quick)
         return
     max_threads = torch.get_num_threads()
     thread_spec = args.threads or ("max" if args.quick else "1,max")
