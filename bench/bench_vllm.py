@@ -1,82 +1,101 @@
 """vLLM offline generation throughput: W4A8 with the plugin vs the same model in bf16 vs load_model.
 
-A DeepSeek-V3-shaped model (real expert shapes H=7168, I=2048, one shared expert; real MLA
-head shapes: q_lora_rank 1536, kv_lora_rank 512, rope 64, nope 128, v 128; fewer heads,
-layers and experts, small vocab) is built from a config with random weights, saved in bf16
-and converted round-to-nearest to W4A8 (compressed-tensors, alpha stored). Decode tokens/s
-at batch 1 and 16 are measured in vLLM for both (each engine in its own process, default
-compiled mode), and for the project's own ``load_model`` (transformers generate with KV
-cache). Target: W4A8 decode at batch 1 >= 2x vLLM bf16.
+    .venv-vllm/bin/python bench/bench_vllm.py                 # 4 layers, batch 1 and 16, 32 new tokens
+    .venv-vllm/bin/python bench/bench_vllm.py --quick         # 1 layer, 8 new tokens, one round, one repeat
+    .venv-vllm/bin/python bench/bench_vllm.py --workdir DIR   # keep the checkpoints, reuse them next time
 
-    .venv-vllm/bin/python bench/bench_vllm.py [--quick] [--out DIR]
+The model is :mod:`bench_decode`'s DeepSeek-V3 shape: the real hidden size (7168), MLA
+attention (128 heads, q_lora 1536, kv_lora 512, nope/rope/v 128/64/128), routed experts of the
+real width (2048), top-8 of 8 routed experts plus the shared one, every layer MoE (so a decode
+step reads per layer what DeepSeek-V3's top-8 of 256 reads), ``--layers`` deep, vocabulary
+1024. It is built by transformers (random, seeded, bf16), saved, and converted by this
+package's converter with round-to-nearest clips (compressed-tensors, ``alpha`` stored).
 
-Needs ~8 GB free (VLLM_CPU_KVCACHE_SPACE=1); ``--quick`` is a 1-layer, 4-expert model.
+Decode tokens/s at batch 1 and 16 (8-token prompts) are measured for vLLM with the plugin
+(W4A8), vLLM on the bf16 source, each engine in its own process in vLLM's default compiled
+mode, and the project's own ``load_model`` (transformers ``generate`` with its KV cache).
+vLLM's decode time is a ``--tokens`` generate minus a 1-token generate of the same batch
+(prefill cancels), ``load_model``'s is stamped per token; the median of ``--rounds`` rounds
+counts, over ``--repeats`` engine starts for vLLM, W4A8 and bf16 alternating (this VM's DRAM
+bandwidth changes over minutes; a 2 GiB read probe before each run prints the state). vLLM's worker is bound to all cores (``--vllm-bind``, default ``0-N``; vLLM's own
+``auto`` keeps one core for its front end, leaving one worker thread here), ``load_model``
+runs on torch's threads (all cores). Target: W4A8 decode at batch 1 >= 2x vLLM bf16.
+
+Peak memory is one engine at a time: about 1.2 GB per layer in bf16 plus ~2 GB for vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import deepseek_v3_config, mem_available_gb, prepare_checkpoints, timed_generate  # noqa: E402
 
-def model_config(quick: bool) -> dict:
-    from w4a8moe.models.synthetic import tiny_config
-
-    return tiny_config(
-        "deepseek_v3", hidden_size=7168, moe_intermediate_size=2048, intermediate_size=2048,
-        num_hidden_layers=1 if quick else 2, first_k_dense_replace=0, n_routed_experts=4 if quick else 8,
-        num_experts_per_tok=2 if quick else 4, n_group=2 if quick else 4, topk_group=1 if quick else 2,
-        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
-        qk_nope_head_dim=128, v_head_dim=128, vocab_size=1024, max_position_embeddings=512)
+BATCHES = [1, 16]
+GB_PER_BF16_LAYER = 1.2
 
 
-def build(root: Path, quick: bool) -> tuple[Path, Path]:
-    """The bf16 source folder and its W4A8 conversion."""
-    from transformers import AutoModelForCausalLM
-
-    from w4a8moe.models import export_w4a8_checkpoint
-    from w4a8moe.models.export import moe_blocks
-    from w4a8moe.models.loading import transformers_config
-
-    cfg = model_config(quick)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
-    src, dst = root / "bf16", root / "w4a8"
-    model.save_pretrained(src)
-    alpha = {i: torch.full((cfg["n_routed_experts"],), 0.8) for i in moe_blocks(model)}
-    export_w4a8_checkpoint(model, cfg, dst, fmt="compressed-tensors", alpha=alpha)
-    return src, dst
+def dram_read_gb_s() -> float:
+    """Best of three sums of a 2 GiB fp32 tensor on torch's threads: the machine's read bandwidth now."""
+    x = torch.ones(2**29, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
 
 
-def vllm_tokens_per_s(path: Path, work: Path, batches: list[int], new_tokens: int) -> dict[str, float]:
+def prompts(count: int) -> list[list[int]]:
+    return [[1 + i, 7, 42, 99, 13, 250, 31, 8] for i in range(count)]
+
+
+def vllm_decode(path: Path, work: Path, new_tokens: int, rounds: int, bind: str) -> tuple[dict, list[int]]:
+    """``{batch: {"decode_tokens_per_s": [...], "prefill_s": [...]}}`` and the greedy tokens of
+    the first prompt."""
     from w4a8moe.integrations.vllm.offline import run_in_child
 
-    spec = {"model": str(path), "prompts": [[1 + i, 7, 42, 99, 13, 250, 31, 8] for i in range(16)], "max_tokens": 2,
-            "llm": {"max_model_len": 256, "max_num_seqs": 16, "dtype": "bfloat16"},
-            "timed_batches": batches, "timed_tokens": new_tokens}
-    return run_in_child(spec, work, timeout=1800)["tokens_per_s"]
+    spec = {"model": str(path), "prompts": prompts(max(BATCHES)), "max_tokens": new_tokens,
+            "llm": {"max_model_len": 64, "max_num_seqs": max(BATCHES), "max_num_batched_tokens": 256,
+                    "dtype": "bfloat16"},
+            "timed_batches": BATCHES, "timed_tokens": new_tokens, "timed_rounds": rounds,
+            "env": {"VLLM_CPU_OMP_THREADS_BIND": bind}}
+    start = time.perf_counter()
+    result = run_in_child(spec, work, timeout=3600)
+    print(f"  {path.name}: vLLM start-up {result['startup_s']:.0f} s, whole run {time.perf_counter() - start:.0f} s",
+          flush=True)
+    return result["timings"], result["outputs"][0]["tokens"]
 
 
-def project_tokens_per_s(path: Path, batches: list[int], new_tokens: int) -> dict[str, float]:
+def project_decode(path: Path, new_tokens: int, rounds: int) -> tuple[dict, list[int]]:
+    """As :func:`vllm_decode`, for ``load_model`` in this process."""
     from w4a8moe.models import load_model
 
     model = load_model(path)
-    out = {}
-    for batch in batches:
-        ids = torch.tensor([[1 + i, 7, 42, 99, 13, 250, 31, 8] for i in range(batch)])
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=2, do_sample=False)
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        out[str(batch)] = batch * new_tokens / (time.perf_counter() - t0)
-    return out
+    out, first = {}, []
+    for batch in BATCHES:
+        ids = torch.tensor(prompts(batch))
+        timed_generate(model, ids, 2)  # warm
+        rates, prefills = [], []
+        for _ in range(rounds):
+            prefill, steps_per_s, tokens = timed_generate(model, ids, new_tokens)
+            rates.append(batch * steps_per_s)
+            prefills.append(prefill)
+            first = first or tokens
+        out[str(batch)] = {"decode_tokens_per_s": rates, "prefill_s": prefills}
+    del model
+    return out, first
 
 
-LINEAR_SHAPES = [("q_b_proj", 1536, 16 * 192), ("o_proj", 16 * 128, 7168), ("shared gate_up", 7168, 2 * 2048),
+LINEAR_SHAPES = [("q_b_proj", 1536, 128 * 192), ("o_proj", 128 * 128, 7168), ("shared gate_up", 7168, 2 * 2048),
                  ("shared down", 2048, 7168)]
 
 
@@ -92,7 +111,7 @@ def linear_table(repeats: int) -> None:
 
     backend = get_backend()
     print(f"W8A8 Linear, microseconds per call (backend {backend.name}, {torch.get_num_threads()} threads)")
-    print(f"{'layer':16s} {'K':>6s} {'N':>6s} {'M':>4s} {'w4a8moe':>10s} {'vLLM int8':>12s} {'vLLM/ours':>9s} path")
+    print(f"| layer | K | N | M | w4a8moe | vLLM int8 | vLLM / ours | vLLM path |\n|---|---|---|---|---|---|---|---|")
     for name, k, n in LINEAR_SHAPES:
         w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
         prepared = backend.prepare_int8_linear(w_q, w_s)
@@ -102,7 +121,7 @@ def linear_table(repeats: int) -> None:
             scale = w_s.reshape(n).to(torch.float32)
         else:
             handler = vllm_ops.create_onednn_scaled_mm(w_q.t(), w_s.reshape(n, 1), torch.bfloat16, True, False, 32)
-        for m in (1, 16):
+        for m in BATCHES:
             x = torch.randn(m, k).to(torch.bfloat16)
 
             def ours() -> torch.Tensor:
@@ -124,33 +143,83 @@ def linear_table(repeats: int) -> None:
                 for _ in range(repeats):
                     fn()
                 times.append((time.perf_counter() - t0) / repeats * 1e6)
-            print(f"{name:16s} {k:6d} {n:6d} {m:4d} {times[0]:10.1f} {times[1]:12.1f} {times[1] / times[0]:9.2f} {'AMX' if amx else 'oneDNN'}")
+            print(f"| {name} | {k} | {n} | {m} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.2f} "
+                  f"| {'AMX' if amx else 'oneDNN'} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None, help="folder for the models (default: a temporary one)")
-    parser.add_argument("--linear-only", action="store_true", help="only the W8A8 Linear table")
+    parser.add_argument("--quick", action="store_true", help="1 layer, 8 new tokens, one round")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers, all MoE (default 4, quick 1)")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens per sequence (default 32, quick 8)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per batch (default 3, quick 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="engine starts per vLLM model, alternating W4A8 and bf16 (default 2, quick 1)")
+    parser.add_argument("--vllm-bind", default=f"0-{os.cpu_count() - 1}",
+                        help="VLLM_CPU_OMP_THREADS_BIND of the engines (default: all cores; 'auto': vLLM's choice)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the checkpoints here and reuse them (default: a temporary folder)")
+    parser.add_argument("--skip-linear", action="store_true", help="no W8A8 Linear table")
     args = parser.parse_args()
-    linear_table(20 if args.quick else 200)
-    if args.linear_only:
-        return
-    batches = [1, 16]
-    new_tokens = 8 if args.quick else 32
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.out or tmp)
-        src, dst = build(root, args.quick)
-        rows = {
-            "vLLM W4A8 (plugin)": vllm_tokens_per_s(dst, root / "run-w4a8", batches, new_tokens),
-            "vLLM bf16": vllm_tokens_per_s(src, root / "run-bf16", batches, new_tokens),
-            "w4a8moe load_model": project_tokens_per_s(dst, batches, new_tokens),
-        }
-    base = rows["vLLM bf16"]
-    print(f"decode tokens/s, {new_tokens} new tokens, DeepSeek-V3 shapes ({'quick' if args.quick else 'full'})")
-    print(f"{'':22s} {'batch 1':>10s} {'batch 16':>10s} {'x bf16 b1':>10s} {'x bf16 b16':>11s}")
-    for name, r in rows.items():
-        print(f"{name:22s} {r['1']:10.2f} {r['16']:10.2f} {r['1'] / base['1']:10.2f} {r['16'] / base['16']:11.2f}")
+    layers = args.layers or (1 if args.quick else 4)
+    new_tokens = args.tokens or (8 if args.quick else 32)
+    rounds = args.rounds or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 2)
+    if new_tokens < 2:
+        parser.error("--tokens must be at least 2")
+    need = GB_PER_BF16_LAYER * layers + 3
+    if mem_available_gb() < need:
+        sys.exit(f"about {need:.0f} GB are needed and only {mem_available_gb():.1f} GB are available")
+    load = os.getloadavg()
+    print(f"# vLLM benchmark: DeepSeek-V3 shapes, {layers} MoE layers of 8 routed experts (top-8) + 1 shared; "
+          f"prompt 8 tokens, {new_tokens} new tokens, {rounds} round(s); {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__} with {torch.get_num_threads()} threads, vLLM bind {args.vllm_bind!r}, loadavg "
+          f"{load[0]:.2f}", flush=True)
+    if not args.skip_linear:
+        linear_table(20 if args.quick else 200)
+    with tempfile.TemporaryDirectory(prefix="w4a8moe-bench-vllm-") as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        src, dst = prepare_checkpoints(deepseek_v3_config(8, layers), root)
+        # The VM's DRAM bandwidth changes over minutes: the two engines alternate, and a read
+        # probe before each run records the state it ran in.
+        rows: dict[str, dict[str, dict[str, list[float]]]] = {}
+        tokens: dict[str, list[int]] = {}
+        pairs = []
+        for rep in range(repeats):
+            for name, path in (("vLLM W4A8 (plugin)", dst), ("vLLM bf16", src)):
+                probe = dram_read_gb_s()
+                timings, tokens[name] = vllm_decode(path, root / f"run-{path.name}-{rep}", new_tokens, rounds,
+                                                    args.vllm_bind)
+                print(f"  repeat {rep + 1} {name}: DRAM probe before {probe:.1f} GB/s, batch 1 "
+                      f"{statistics.median(timings['1']['decode_tokens_per_s']):.2f} tokens/s", flush=True)
+                for batch, t in timings.items():
+                    for key, values in t.items():
+                        rows.setdefault(name, {}).setdefault(batch, {}).setdefault(key, []).extend(values)
+                pairs.append(statistics.median(timings["1"]["decode_tokens_per_s"]))
+        probe = dram_read_gb_s()
+        rows["w4a8moe load_model"], tokens["w4a8moe load_model"] = project_decode(dst, new_tokens, rounds)
+        print(f"  load_model: DRAM probe before {probe:.1f} GB/s", flush=True)
+
+    def median(name: str, batch: int, key: str = "decode_tokens_per_s") -> float:
+        return statistics.median(rows[name][str(batch)][key])
+
+    per_repeat = [pairs[i] / pairs[i + 1] for i in range(0, len(pairs), 2)]
+    print(f"\ndecode tokens/s (vLLM: median of {rounds} rounds x {repeats} engine starts; load_model: {rounds} "
+          f"rounds), {layers} layers, {new_tokens} new tokens; batch-1 W4A8 / bf16 per repeat: "
+          + ", ".join(f"{r:.2f}x" for r in per_repeat))
+    print("| engine | batch 1 tokens/s | batch 16 tokens/s | batch 1 vs vLLM bf16 | batch 16 vs vLLM bf16 "
+          "| prefill b1 / b16 ms |\n|---|---|---|---|---|---|")
+    for name in rows:
+        rel = [median(name, b) / median("vLLM bf16", b) for b in BATCHES]
+        print(f"| {name} | {median(name, 1):.2f} | {median(name, 16):.2f} | {rel[0]:.2f}x | {rel[1]:.2f}x "
+              f"| {median(name, 1, 'prefill_s') * 1e3:.0f} / {median(name, 16, 'prefill_s') * 1e3:.0f} |")
+    # A sanity check on the served model (not a tolerance test: a random model has near ties).
+    same = sum(a == b for a, b in zip(tokens["vLLM W4A8 (plugin)"], tokens["w4a8moe load_model"]))
+    print(f"\ngreedy tokens of the first prompt, vLLM W4A8 equal to load_model's: {same} of {new_tokens}")
+    ratio = median("vLLM W4A8 (plugin)", 1) / median("vLLM bf16", 1)
+    print(f"\ntarget W4A8 decode at batch 1 >= 2x vLLM bf16: {'PASS' if ratio >= 2 else 'FAIL'} ({ratio:.2f}x); "
+          f"loadavg after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

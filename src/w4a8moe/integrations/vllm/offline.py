@@ -5,8 +5,11 @@ engines hold gigabytes and worker processes; a child exits with all of them), st
 ``python -m w4a8moe.integrations.vllm.offline SPEC.json OUT.json``.
 
 ``SPEC`` keys: ``model``; ``prompts`` (lists of token ids); ``max_tokens``; ``llm`` (keyword
-arguments of ``vllm.LLM``); ``prompt_logprobs`` (bool); ``timed_batches`` (batch sizes to time
-decode throughput at, optional); ``env`` (environment for the engine).
+arguments of ``vllm.LLM``); ``prompt_logprobs`` (bool); ``env`` (environment for the engine);
+optionally ``timed_batches`` (batch sizes), ``timed_tokens`` (default 32) and ``timed_rounds``
+(default 1): greedy decode of that many tokens per sequence, timed as the difference between
+a 1-token and a ``timed_tokens``-token generate of the same batch (so the prefill cancels),
+giving ``timings[batch] = {"decode_tokens_per_s": [one per round], "prefill_s": [...]}``.
 """
 
 from __future__ import annotations
@@ -68,13 +71,21 @@ def _main(spec_path: str, out_path: str) -> None:
     timings = {}
     for batch in spec.get("timed_batches", []):
         n_new = spec.get("timed_tokens", 32)
-        timed = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=spec["prompts"][i % len(spec["prompts"])]) for i in range(batch)]
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, detokenize=False), use_tqdm=False)
-        t0 = time.perf_counter()
-        llm.generate(prompts, timed, use_tqdm=False)
-        timings[str(batch)] = batch * n_new / (time.perf_counter() - t0)
-    result["tokens_per_s"] = timings
+        one, many = (SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+                     for n in (1, n_new))
+        llm.generate(prompts, many, use_tqdm=False)  # warm: this batch's shapes
+        rates, prefills = [], []
+        for _ in range(spec.get("timed_rounds", 1)):
+            t0 = time.perf_counter()
+            llm.generate(prompts, one, use_tqdm=False)
+            t1 = time.perf_counter()
+            llm.generate(prompts, many, use_tqdm=False)
+            t2 = time.perf_counter()
+            prefills.append(t1 - t0)
+            rates.append(batch * (n_new - 1) / ((t2 - t1) - (t1 - t0)))
+        timings[str(batch)] = {"decode_tokens_per_s": rates, "prefill_s": prefills}
+    result["timings"] = timings
     Path(out_path).write_text(json.dumps(result))
 
 
