@@ -111,7 +111,7 @@ def linear_table(repeats: int) -> None:
 
     backend = get_backend()
     print(f"W8A8 Linear, microseconds per call (backend {backend.name}, {torch.get_num_threads()} threads)")
-    print(f"| layer | K | N | M | w4a8moe | vLLM int8 | vLLM / ours | vLLM path |\n|---|---|---|---|---|---|---|---|")
+    print("| layer | K | N | M | w4a8moe | vLLM int8 | vLLM / ours | vLLM path |\n|---|---|---|---|---|---|---|---|")
     for name, k, n in LINEAR_SHAPES:
         w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
         prepared = backend.prepare_int8_linear(w_q, w_s)
