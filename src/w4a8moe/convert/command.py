@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from w4a8moe.calibrate import DEFAULT_MIN_EXPERT_TOKENS, ClipSearchSettings
+from w4a8moe.calibrate.clips import REFINE_FORMS
 from w4a8moe.convert.pipeline import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_SEQUENCES, REPORT_FILE, convert
 from w4a8moe.convert.policy import DEFAULT_KEEP_BF16
 from w4a8moe.formats.compressed_tensors import COMPRESSED_TENSORS
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the clip search, choose the int4 values by GPTQ with act-order (kept per expert "
                         "only where the held-out tokens do not get worse)")
     p.add_argument("--refine-steps", type=int, default=40, help="straight-through gradient steps refining alpha (0: grid only)")
-    p.add_argument("--refine-form", choices=("gram", "direct"), default="gram",
+    p.add_argument("--refine-form", choices=REFINE_FORMS, default="gram",
                    help="how the refinement's gradient is computed: gram (through W^T W, about 3x less work; the "
                         "default since converter version 2) or direct (version 1's bits)")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
