@@ -472,8 +472,8 @@ def test_cuda_products_are_exact_and_the_clips_match_where_the_math_is_exact():
 
 
 def test_fake_quantized_down_is_dequantize_of_quantize():
-    from w4a8moe.calibrate.clips import _fake_quantized
-    from w4a8moe.quant import INT4_MAX, dequantize_per_channel, per_channel_scale, quantize_with_scale
+    from w4a8moe.quant import (INT4_MAX, dequantize_per_channel, fake_quantize_with_scale, per_channel_scale,
+                               quantize_with_scale)
 
     w = _expert(71, hidden=48, inter=26).down
     w[3] = 0.0  # an all-zero channel (scale 1)
@@ -481,7 +481,11 @@ def test_fake_quantized_down_is_dequantize_of_quantize():
     for clip in (1.0, 0.55, 0.1):
         scale = per_channel_scale(w.abs().amax(dim=-1), INT4_MAX, clip)
         expected = dequantize_per_channel(quantize_with_scale(w, scale, INT4_MAX), scale)
-        assert torch.equal(_fake_quantized(w, scale).view(torch.int32), expected.view(torch.int32))
+        assert torch.equal(fake_quantize_with_scale(w, scale, INT4_MAX).view(torch.int32),
+                           expected.view(torch.int32))
+        # Both now share one rounding; against version 1's expression, written out here:
+        v1_levels = torch.clamp(torch.round(w / scale.unsqueeze(-1)), -INT4_MAX, INT4_MAX).to(torch.int8)
+        assert torch.equal(quantize_with_scale(w, scale, INT4_MAX), v1_levels)
 
 
 def test_rows_of_a_float_product_do_not_depend_on_the_other_rows():

@@ -43,6 +43,7 @@ from w4a8moe.quant import (
     clip_quant_rows,
     dequantize_per_channel,
     dynamic_quant_per_token,
+    fake_quantize_with_scale,
     per_channel_scale,
     quantize_int4_per_channel,
     scale_int32,
@@ -409,14 +410,6 @@ def search_alpha(
                          refine_form)
 
 
-def _fake_quantized(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``dequantize_per_channel(quantize_with_scale(weight, scale, INT4_MAX), scale)`` in one
-    fp32 temporary (the int4 values are exact in fp32: the same bits; adding 0 turns the -0
-    that rounding leaves into the int8 path's +0)."""
-    s = scale.unsqueeze(-1)
-    return torch.div(weight, s).round_().clamp_(-INT4_MAX, INT4_MAX).add_(0.0).mul_(s)
-
-
 def _rtn_clips(w: ExpertWeights) -> dict[str, torch.Tensor]:
     return {p: torch.ones(getattr(w, p).shape[0], device=getattr(w, p).device) for p in ("gate", "up", "down")}
 
@@ -516,7 +509,7 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
     notes: list[str] = []
     down, op_down = down_at_1, op_down_at_1
     if settings.learn_alpha:
-        w_down = _fake_quantized(weights["down"], op_down_at_1.scale) if settings.refine_steps > 0 else None
+        w_down = fake_quantize_with_scale(weights["down"], op_down_at_1.scale, INT4_MAX) if settings.refine_steps > 0 else None
         cand_alpha, _, grid_best = _alpha_search(products, gate_up[fit], op_down_at_1, w_down, reference[fit],
                                                  settings.alpha_grid, settings.refine_steps, settings.refine_lr,
                                                  settings.refine_form)

@@ -40,10 +40,22 @@ def per_channel_scale(amax: torch.Tensor, qmax: int, clip: torch.Tensor | float 
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _levels(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``clamp(round_half_even(w / s_n), -qmax, qmax)`` in fp32, in one temporary."""
+    return torch.div(w, scale.unsqueeze(-1)).round_().clamp_(-qmax, qmax)
+
+
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """``clamp(round_half_even(w / s_n), -qmax, qmax)`` as int8: the element half of the
     per-channel quantizers (``w`` fp32 ``[..., N, K]``, ``scale`` ``[..., N]``)."""
-    return torch.clamp(torch.round(w / scale.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
+    return _levels(w, scale, qmax).to(torch.int8)
+
+
+def fake_quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``dequantize_per_channel(quantize_with_scale(w, scale, qmax), scale)``, the same bits,
+    without the int8 tensor (the levels are exact in fp32; adding 0 turns the -0 rounding
+    leaves into the int8 path's +0)."""
+    return _levels(w, scale, qmax).add_(0.0).mul_(scale.unsqueeze(-1))
 
 
 def quantize_int4_per_channel(
