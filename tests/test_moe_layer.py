@@ -192,3 +192,35 @@ def test_relaid_weights_are_held_once():
     kept = W4A8MoE.from_quantized(layer_q, mc.routing, backend=_RelayingBackend(), keep_packed=True)
     kept.set_backend("reference")
     assert torch.equal(kept(x), expect)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("m", [0, 1, 5])
+def test_gated_mlp_stacks_w8a8_gate_and_up_with_the_same_bits(backend, m):
+    """The stacked gate|up projection gives the bits of the two projections run apart."""
+    from w4a8moe.moe import GatedMLP, W8A8Linear
+    from w4a8moe.quant import silu_and_mul
+
+    if backend == "cpu":
+        try:
+            from w4a8moe.kernels import get_backend
+
+            get_backend("cpu")
+        except RuntimeError:
+            pytest.skip("the native CPU kernel cannot be built here")
+    g = torch.Generator().manual_seed(m)
+
+    def w8a8(n: int, k: int) -> W8A8Linear:
+        return W8A8Linear(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+                          torch.rand(n, generator=g) * 1e-2 + 1e-4, backend=backend)
+
+    gate, up, down = w8a8(37, 70), w8a8(37, 70), w8a8(70, 37)
+    x = torch.randn(m, 70, generator=g).to(torch.bfloat16)
+    x[:, 3] = 40.0  # an outlier column: per-token scales far from the typical row
+    mlp = GatedMLP(gate, up, down)
+    assert mlp.gate_up_proj is not None and mlp.gate_proj is None and mlp.up_proj is None
+    expect = down(silu_and_mul(gate(x), up(x)))
+    assert torch.equal(mlp(x).view(torch.int16), expect.view(torch.int16))
+    # A bf16 projection among them: nothing is stacked.
+    float_up = torch.nn.Linear(70, 37, bias=False, dtype=torch.bfloat16)
+    assert GatedMLP(gate, float_up, down).gate_up_proj is None

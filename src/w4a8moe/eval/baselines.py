@@ -18,7 +18,7 @@ from torch import nn
 from w4a8moe.formats import MoEModelConfig
 from w4a8moe.models.export import default_w8a8_policy, moe_blocks
 from w4a8moe.models.loading import W8A8LinearWithBias, use_gated_mlps
-from w4a8moe.moe import W8A8Linear
+from w4a8moe.moe import GatedMLP, W8A8Linear
 from w4a8moe.quant import (
     dynamic_quant_per_token,
     quantize_int8_per_channel,
@@ -96,12 +96,13 @@ def w8a8_linear_names(model: nn.Module, model_config: MoEModelConfig) -> list[st
     """
     names = []
     marker = ".moe.shared."
-    for name, module in model.named_modules():
+    for loaded_name, module in model.named_modules():
         if not isinstance(module, W8A8Linear):
             continue
-        if marker in name:
-            block, _, proj = name.partition(marker)
-            names.append(f"{block}.{model_config.names.shared}.{proj}")
-        else:
-            names.append(name)
+        for name in GatedMLP.source_projection_names(loaded_name):
+            if marker in name:
+                block, _, proj = name.partition(marker)
+                names.append(f"{block}.{model_config.names.shared}.{proj}")
+            else:
+                names.append(name)
     return sorted(names)

@@ -69,6 +69,8 @@ _ERRORS = {
     -2: "expert offsets must start at 0 and be non-decreasing",
     -3: "the kernel was compiled without SIMD support",
     -4: "out of memory",
+    -5: "invalid routing arguments",
+    -6: "an expert id is out of range",
 }
 
 
@@ -253,6 +255,10 @@ class KernelLibrary:
         lib.w4a8_relayout_int8.argtypes = [_P, _I64, _I64, _P, _INT]
         lib.w4a8_quant_rows.restype = _INT
         lib.w4a8_quant_rows.argtypes = [_P, _I64, _I64, _I64, _INT, _P, _P, _INT]
+        lib.w4a8_select_experts.restype = _INT
+        lib.w4a8_select_experts.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
+        lib.w4a8_sort_rows.restype = _INT
+        lib.w4a8_sort_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
@@ -545,6 +551,48 @@ class CpuBackend:
         nonfinite = self.kernel.lib.w4a8_quant_rows(_ptr(x), m, k, k, int(x.dtype == torch.bfloat16), _ptr(x_q),
                                                     _ptr(scale), self.num_threads)
         return dynamic_quant_per_token(x) if nonfinite else (x_q, scale)
+
+    def select_experts(self, scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int = 1,
+                       topk_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert choice of :func:`w4a8moe.moe.routing.grouped_top_k` for fp32 CPU ``scores``
+        ``[M, E]`` in one call, the same ids and (unbiased) weights bit for bit: ``(weights fp32
+        [M, top_k], ids int64 [M, top_k])``, best first, equal values by the lower index."""
+        if scores.dtype != torch.float32 or scores.dim() != 2:
+            raise ValueError(f"scores must be fp32 [M, E], got {scores.dtype} {list(scores.shape)}")
+        m, e = scores.shape
+        scores = scores.contiguous()
+        if bias is not None:
+            if bias.numel() != e:
+                raise ValueError(f"expected {e} correction biases, got {bias.numel()}")
+            bias = bias.to(torch.float32).reshape(e).contiguous()
+        weights = torch.empty((m, top_k), dtype=torch.float32)
+        ids = torch.empty((m, top_k), dtype=torch.int64)
+        self.kernel.check(self.kernel.lib.w4a8_select_experts(
+            _ptr(scores), None if bias is None else _ptr(bias), m, e, top_k, n_group, topk_group, _ptr(weights),
+            _ptr(ids)))
+        return weights, ids
+
+    def sort_rows(self, ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:func:`w4a8moe.moe.routing.sort_rows_by_expert` of int64 CPU ``ids`` ``[M, k]`` in one
+        call: ``(order, token_ids, offsets, row_weights or None)``."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be [M, k], got {list(ids.shape)}")
+        n, k = ids.numel(), ids.shape[1]
+        flat = ids.to(torch.int64).reshape(-1).contiguous()
+        order = torch.empty(n, dtype=torch.int64)
+        token_ids = torch.empty(n, dtype=torch.int64)
+        offsets = torch.empty(num_experts + 1, dtype=torch.int64)
+        row_weights = None
+        if weights is not None:
+            if weights.numel() != n:
+                raise ValueError(f"expected {n} routing weights, got {weights.numel()}")
+            weights = weights.to(torch.float32).reshape(-1).contiguous()
+            row_weights = torch.empty(n, dtype=torch.float32)
+        self.kernel.check(self.kernel.lib.w4a8_sort_rows(
+            _ptr(flat), n, max(k, 1), num_experts, None if weights is None else _ptr(weights), _ptr(order),
+            _ptr(token_ids), _ptr(offsets), None if row_weights is None else _ptr(row_weights)))
+        return order, token_ids, offsets, row_weights
 
     def prepare_int8_linear(self, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> CpuInt8Linear:
         """Re-lay an int8 ``[N, K]`` weight (and its fp32 ``[N]`` scales) for :meth:`int8_linear`."""

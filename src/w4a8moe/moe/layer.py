@@ -10,7 +10,7 @@ from w4a8moe.formats.layer_tensors import QuantizedMoELayer
 from w4a8moe.formats.model_config import RoutingConfig
 from w4a8moe.kernels import ExpertBackend, PackedExpertWeights, get_backend
 from w4a8moe.moe.linear import W8A8Linear
-from w4a8moe.moe.routing import route
+from w4a8moe.moe.routing import route, sort_rows_by_expert
 from w4a8moe.quant import silu_and_mul
 
 
@@ -65,13 +65,44 @@ class GatedMLP(nn.Module):
 
     The activation is :func:`~w4a8moe.quant.silu_and_mul`: fp32 from the projections' bf16
     outputs, rounded once (SPEC 1), as the engines run a shared expert or dense MLP.
+
+    Two :class:`W8A8Linear` gate and up projections are stacked into one ``gate_up_proj``
+    ``[2I, K]`` (the fused projection of the engines): one quantization of ``x`` and one GEMM
+    that streams both weights, the same bits as the two (output channels are independent);
+    ``gate_proj`` and ``up_proj`` are then ``None``.
     """
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
+        self.gate_up_proj: W8A8Linear | None = None
+        if (type(gate_proj) is W8A8Linear and type(up_proj) is W8A8Linear
+                and gate_proj.in_features == up_proj.in_features
+                and type(gate_proj.backend) is type(up_proj.backend)
+                and gate_proj.weight.device == up_proj.weight.device):
+            self.gate_up_proj = W8A8Linear(torch.cat((gate_proj.weight, up_proj.weight)),
+                                           torch.cat((gate_proj.weight_scale, up_proj.weight_scale)),
+                                           backend=gate_proj.backend)
+            self.intermediate_size = gate_proj.out_features
+            gate_proj = up_proj = None
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
+    STACKED = ("gate_proj", "up_proj")
+    """The projections ``gate_up_proj`` stacks, in its row order."""
+
+    @classmethod
+    def source_projection_names(cls, name: str) -> list[str]:
+        """The module paths of the separate projections behind ``name``: those of
+        :attr:`STACKED` for a ``...gate_up_proj``, else ``name`` itself."""
+        parent, _, leaf = name.rpartition(".")
+        if leaf != "gate_up_proj":
+            return [name]
+        return [f"{parent}.{p}" if parent else p for p in cls.STACKED]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate_up = self.gate_up_proj(x)
+            inter = self.intermediate_size
+            return self.down_proj(silu_and_mul(gate_up[..., :inter], gate_up[..., inter:]))
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -207,23 +238,17 @@ class W4A8MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
-        return route(x, self.router_weight, self.routing, self.correction_bias)
+        return route(x, self.router_weight, self.routing, self.correction_bias, self.backend)
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor."""
-        m, k = ids.shape
-        if m == 0:
+        if ids.shape[0] == 0:
             return torch.zeros((0, x.shape[-1]), dtype=torch.float32, device=x.device)
-        flat_ids = ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        token_ids = torch.div(order, k, rounding_mode="floor")
-        # Where each expert's rows start in the sorted order (no host synchronisation on a GPU).
-        offsets = torch.searchsorted(flat_ids[order].contiguous(),
-                                     torch.arange(self.routing.num_experts + 1, device=ids.device))
+        rows = sort_rows_by_expert(ids, self.routing.num_experts, weights, self.backend)
         alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
         x_q, x_scale = self.backend.quantize_per_token(x)
-        row_weights = weights.reshape(-1)[order]
-        return self.backend.combined_forward(self._prepared, x_q, x_scale, token_ids, offsets, alpha, row_weights)
+        return self.backend.combined_forward(self._prepared, x_q, x_scale, rows.token_ids, rows.offsets, alpha,
+                                             rows.row_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -30,7 +30,7 @@ import torch
 from w4a8moe.formats.model_config import RoutingConfig
 from w4a8moe.kernels import ExpertBackend, combine_rows
 from w4a8moe.kernels.split import split_expert_rows, split_int8_linear
-from w4a8moe.moe.routing import route
+from w4a8moe.moe.routing import route, sort_rows_by_expert
 
 
 @dataclass
@@ -98,17 +98,6 @@ _DUMPED: dict[str, int] = {}
 LINEAR_LAYERS: dict[str, LinearState] = {}
 
 
-def _sort_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order, token_ids, expert_offsets)`` for flat rows sorted stably by expert id, as
-    :meth:`w4a8moe.moe.W4A8MoE.routed_experts` sorts them."""
-    k = ids.shape[1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0)
-    return order, torch.div(order, k, rounding_mode="floor"), offsets
-
-
 def moe_experts(x: torch.Tensor, layer: str) -> torch.Tensor:
     """``sum_k w_k * expert_k(x)`` for bf16 ``x`` ``[M, H]`` under the project's routing: bf16
     ``[M, H]``, this rank's share of the group sum (see the module docstring)."""
@@ -117,27 +106,27 @@ def moe_experts(x: torch.Tensor, layer: str) -> torch.Tensor:
     if m == 0:
         return torch.zeros((0, hidden), dtype=x.dtype)
     x = x.to(torch.bfloat16)
-    weights, ids = route(x, st.router_weight, st.routing, st.correction_bias)
+    weights, ids = route(x, st.router_weight, st.routing, st.correction_bias, st.backend)
     if st.weight_scale != 1.0:
         weights = weights * st.weight_scale
     x_q, x_scale = st.backend.quantize_per_token(x)
-    order, token_ids, offsets = _sort_rows(ids, st.num_global_experts)
-    row_weights = weights.reshape(-1)[order]
+    rows = sort_rows_by_expert(ids, st.num_global_experts, weights, st.backend)
+    token_ids, offsets, row_weights = rows.token_ids, rows.offsets, rows.row_weights
     if st.ep.world > 1:
         # This rank's experts on their rows, scattered to the rows' flat positions, then
         # every rank holds every row and sums each token in the single-rank order.
         local_ids = st.expert_map[ids]
         keep = (local_ids >= 0).reshape(-1)
         flat_pos = torch.nonzero(keep).reshape(-1)
-        local_order, local_tokens, local_offsets = _sort_rows(local_ids.reshape(-1)[flat_pos].reshape(-1, 1),
-                                                          st.alpha.numel())
+        local = sort_rows_by_expert(local_ids.reshape(-1)[flat_pos].reshape(-1, 1), st.alpha.numel(),
+                                    backend=st.backend)
         local_rows = st.backend.grouped_forward(st.prepared, x_q, x_scale,
-                                                torch.div(flat_pos[local_order], ids.shape[1], rounding_mode="floor"),
-                                                local_offsets, st.alpha)
-        rows = torch.zeros((ids.numel(), hidden), dtype=torch.bfloat16)
-        rows[flat_pos[local_order]] = local_rows
-        rows = st.ep.share_rows(rows)[order]
-        out = combine_rows(rows, token_ids, row_weights, m)
+                                                torch.div(flat_pos[local.order], ids.shape[1], rounding_mode="floor"),
+                                                local.offsets, st.alpha)
+        rows_bf16 = torch.zeros((ids.numel(), hidden), dtype=torch.bfloat16)
+        rows_bf16[flat_pos[local.order]] = local_rows
+        rows_bf16 = st.ep.share_rows(rows_bf16)[rows.order]
+        out = combine_rows(rows_bf16, token_ids, row_weights, m)
     elif st.tp.world > 1:
         rows = split_expert_rows(st.backend, st.prepared, st.w2_scale, x_q, x_scale, token_ids, offsets, st.alpha,
                                  lambda t: st.tp.all_reduce(t, "max"), lambda t: st.tp.all_reduce(t, "sum"))

@@ -73,6 +73,8 @@
 #define W4A8_ERR_OFFSETS -2
 #define W4A8_ERR_NO_SIMD -3
 #define W4A8_ERR_NO_MEMORY -4
+#define W4A8_ERR_ARGS -5
+#define W4A8_ERR_EXPERT_ID -6
 
 int w4a8_isa(void) { return W4A8_ISA; }
 int w4a8_abi_version(void) { return W4A8_ABI_VERSION; }
@@ -1004,6 +1006,100 @@ int w4a8_quant_rows(const void *x, int64_t m, int64_t k, int64_t ldx, int is_bf1
     job.chunk[0] = chunk_for(m, nthreads, 4);
     if (m > 0) pool_submit(&job, (m * k < (1 << 16)) ? 1 : nthreads); /* small calls: no wake-up */
     return atomic_load(&args.nonfinite);
+}
+
+/* ---- routing: expert selection and the sort of routed rows by expert (SPEC 3) ----
+ *
+ * The float work that has to be torch's bits (the router matmul, sigmoid or softmax, the
+ * renormalisation's sum) stays in torch; these functions do what is exact in any order:
+ * comparisons, one fp32 add per expert (s + bias) and one per group (the sum of its two best),
+ * and the stable counting sort of the (token, slot) rows by expert. Ranking: the larger value
+ * first, NaN above every number (as torch's sort), equal values by the lower index. */
+
+static inline int ranks_before(float a, int64_t ia, float b, int64_t ib) {
+    const int na = a != a, nb = b != b;
+    if (na || nb) return na && (!nb || ia < ib);
+    return a > b || (a == b && ia < ib);
+}
+
+/* Insert candidate (v, i) into the ranked list best[0..*len) of capacity cap. */
+static inline void rank_insert(float *val, int64_t *idx, int64_t *len, int64_t cap, float v, int64_t i) {
+    int64_t n = *len;
+    if (n == cap && !ranks_before(v, i, val[n - 1], idx[n - 1])) return;
+    int64_t p = n < cap ? n : cap - 1;
+    while (p > 0 && ranks_before(v, i, val[p - 1], idx[p - 1])) {
+        val[p] = val[p - 1];
+        idx[p] = idx[p - 1];
+        p--;
+    }
+    val[p] = v;
+    idx[p] = i;
+    if (n < cap) *len = n + 1;
+}
+
+/* For each of m rows of scores [m, e]: rank s' = s + bias (bias may be NULL: s' = s); with
+ * n_group > 1, keep the topk_group groups (of e / n_group consecutive experts) whose two best
+ * s' sum highest; then the top_k experts by s' among the kept groups, best first, into
+ * ids [m, top_k], and their unbiased s into weights [m, top_k]. Needs top_k <= the experts of
+ * the kept groups and n_group, topk_group <= 64 (checked by the caller). */
+int w4a8_select_experts(const float *scores, const float *bias, int64_t m, int64_t e, int64_t top_k,
+                        int64_t n_group, int64_t topk_group, float *weights, int64_t *ids) {
+    if (n_group < 1 || n_group > 64 || topk_group < 1 || topk_group > n_group || e % n_group || top_k < 1
+        || top_k > topk_group * (e / n_group))
+        return W4A8_ERR_ARGS;
+    const int64_t per = e / n_group;
+    float *biased = (float *)malloc((size_t)(e + top_k) * sizeof(float));
+    if (!biased) return W4A8_ERR_NO_MEMORY;
+    float *best_v = biased + e;
+    for (int64_t r = 0; r < m; r++) {
+        const float *s = scores + r * e;
+        for (int64_t j = 0; j < e; j++) biased[j] = bias ? s[j] + bias[j] : s[j];
+        uint64_t kept = ~(uint64_t)0;
+        if (n_group > 1) {
+            float group_v[64], two_v[2];
+            int64_t group_i[64], two_i[2], ng = 0;
+            for (int64_t g = 0; g < n_group; g++) {
+                int64_t len = 0;
+                for (int64_t j = g * per; j < (g + 1) * per; j++) rank_insert(two_v, two_i, &len, 2, biased[j], j);
+                rank_insert(group_v, group_i, &ng, topk_group, len == 2 ? two_v[0] + two_v[1] : two_v[0], g);
+            }
+            kept = 0;
+            for (int64_t g = 0; g < ng; g++) kept |= (uint64_t)1 << group_i[g];
+        }
+        int64_t len = 0, *out = ids + r * top_k;
+        for (int64_t g = 0; g < n_group; g++) {
+            if (!((kept >> g) & 1)) continue;
+            for (int64_t j = g * per; j < (g + 1) * per; j++) rank_insert(best_v, out, &len, top_k, biased[j], j);
+        }
+        for (int64_t t = 0; t < top_k; t++) weights[r * top_k + t] = s[out[t]];
+    }
+    free(biased);
+    return W4A8_OK;
+}
+
+/* The n flat rows (row i is token i / k, slot i % k) with expert ids ids[n], sorted stably by
+ * expert: order[n] (the flat row at each sorted position), token_ids[n], offsets[e + 1] (where
+ * each expert's rows start) and, when weights is not NULL, row_weights[n] = weights[order]. */
+int w4a8_sort_rows(const int64_t *ids, int64_t n, int64_t k, int64_t e, const float *weights, int64_t *order,
+                   int64_t *token_ids, int64_t *offsets, float *row_weights) {
+    if (k < 1) return W4A8_ERR_ARGS;
+    memset(offsets, 0, (size_t)(e + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= e) return W4A8_ERR_EXPERT_ID;
+        offsets[ids[i] + 1]++;
+    }
+    for (int64_t x = 0; x < e; x++) offsets[x + 1] += offsets[x];
+    int64_t *cursor = (int64_t *)malloc((size_t)(e > 0 ? e : 1) * sizeof(int64_t));
+    if (!cursor) return W4A8_ERR_NO_MEMORY;
+    memcpy(cursor, offsets, (size_t)e * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t p = cursor[ids[i]]++;
+        order[p] = i;
+        token_ids[p] = i / k;
+        if (weights) row_weights[p] = weights[i];
+    }
+    free(cursor);
+    return W4A8_OK;
 }
 
 /* ---- probes for the benchmark: what the machine can stream and multiply ---- */
