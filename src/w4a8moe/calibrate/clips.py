@@ -348,6 +348,17 @@ def _sum_to_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[1] == 1 else t.sum(dim=1, keepdim=True)
 
 
+def _surrogate_q(log_alpha: torch.Tensor, h: torch.Tensor, hmax: torch.Tensor) -> torch.Tensor:
+    """The refinement's straight-through fake quantization ``q`` ``[M, I]`` of ``h`` under
+    ``alpha = clamp(exp(log_alpha))``, differentiable in ``log_alpha`` (autograd's path)."""
+    # The order of these ops is part of the gradient's bits: it numbers autograd's nodes, and
+    # the engine accumulates bound's three grads in that order (see _NativeSteGradient).
+    _, bound = _clip_bound(log_alpha, hmax)
+    clipped = torch.minimum(torch.maximum(h, -bound), bound)
+    step = _clip_step(bound)
+    return _ste_round(clipped / step) * step
+
+
 class _NativeSteGradient:
     """``d loss / d log_alpha`` of one Gram-form step, the bits autograd gives, with the
     ``[M, I]`` elementwise work in two passes of the CPU kernel (its ``ste_clip_quant`` and
@@ -419,12 +430,7 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
             log_alpha.grad = native(log_alpha.detach(), q_grad)
             seen[key] = log_alpha.grad.clone()
         else:
-            # The order of these ops is part of the bits: it numbers autograd's nodes, and the
-            # engine accumulates bound's three grads in that order (see _NativeSteGradient).
-            _, bound = _clip_bound(log_alpha, hmax)
-            clipped = torch.minimum(torch.maximum(h, -bound), bound)
-            step = _clip_step(bound)
-            q = _ste_round(clipped / step) * step
+            q = _surrogate_q(log_alpha, h, hmax)
             if q_grad is None or not seen:
                 loss = ((q @ w_down.T - ref) ** 2).mean() / scale
                 loss.backward()
