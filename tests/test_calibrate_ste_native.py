@@ -1,8 +1,9 @@
-"""The alpha refinement's Gram-form steps on the native kernel give autograd's bits.
+"""The clip search's float steps on the native kernel give torch's and autograd's bits.
 
 :class:`w4a8moe.calibrate.clips._NativeSteGradient` replaces autograd's graph of the
-straight-through clip-quant by two kernel passes and torch's own reductions; every test here
-compares bits (``torch.equal`` on the int32 views), never values within a tolerance.
+straight-through clip-quant by two kernel passes and torch's own reductions, and
+``row_absmax`` the channel maxima of ``_checked_amax``; the tests compare bits (``torch.equal``
+on the int32 views), never values within a tolerance.
 """
 
 from __future__ import annotations
@@ -200,13 +201,14 @@ def test_refine_alpha_ste_path_is_the_same_with_and_without_the_kernel(backend):
 
 
 class _WithoutSteKernel:
-    """A backend that hides the refinement's kernel passes: the search falls back to autograd."""
+    """A backend that hides the clip search's float passes (the refinement's, the channel
+    maxima): the search falls back to torch and autograd for those."""
 
     def __init__(self, backend: object):
         self._backend = backend
 
     def __getattr__(self, name: str):
-        if name.startswith("ste_"):
+        if name.startswith("ste_") or name == "row_absmax":
             raise AttributeError(name)
         return getattr(self._backend, name)
 
@@ -257,3 +259,59 @@ def test_kernel_entry_points_check_their_arguments():
         native.ste_clip_quant(h, bound, step, out=torch.empty(3, 9))
     with pytest.raises(ValueError, match="4 tensors"):
         native.ste_clip_quant_terms(h, h, bound, step, out=(torch.empty(3, 8),))
+
+
+# ---- the channel maxima of the clip search (_checked_amax) on the kernel ---------------------
+
+
+def _torch_amax(w: torch.Tensor) -> torch.Tensor:
+    low, high = torch.aminmax(w, dim=-1)
+    return torch.maximum(-low, high)
+
+
+@pytest.mark.parametrize("k", [1, 7, 16, 33, 2047, 7168])
+def test_row_absmax_is_torchs_channel_maxima(backend, k):
+    from tests.conftest import adversarial_rows
+    from w4a8moe.quant import INT4_MAX, per_channel_scale
+
+    w = adversarial_rows(40, k, seed=k)
+    w[1] = -0.0
+    w[2, ::2] = -0.0
+    w[3] = torch.finfo(torch.float32).tiny / 4  # subnormal
+    w[4, -1] = -torch.finfo(torch.float32).max
+    w[5, 0] = -3.0  # a negative maximum magnitude in the first column
+    amax, finite = backend.row_absmax(w)
+    want = _torch_amax(w)
+    assert finite
+    assert torch.equal(amax, want)  # -0 == +0: the values
+    nonzero = want != 0
+    assert torch.equal(_bits(amax[nonzero]), _bits(want[nonzero]))  # and the bits, zeros aside
+    assert _bits(amax[~nonzero]).eq(0).all()  # +0 for zero rows
+    for clip in (1.0, 0.5):
+        assert _same_bits(per_channel_scale(amax, INT4_MAX, clip), per_channel_scale(want, INT4_MAX, clip))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_row_absmax_flags_non_finite_weights(backend, bad):
+    for k in (1, 33, 2048):
+        for col in (0, k // 2, k - 1):
+            w = torch.randn(5, k)
+            w[3, col] = bad
+            _, finite = backend.row_absmax(w)
+            assert not finite, (k, col)
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                clips_mod._checked_amax(w, backend)
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                clips_mod._checked_amax(w)
+
+
+def test_checked_amax_dispatch():
+    native = _backend_or_skip("native")
+    w = torch.randn(64, 100).to(torch.bfloat16)
+    w32, amax = clips_mod._checked_amax(w, native)
+    assert w32.dtype == torch.float32 and torch.equal(amax, _torch_amax(w32))
+    assert torch.equal(clips_mod._checked_amax(w, _WithoutSteKernel(native))[1], amax)
+    with pytest.raises(ValueError, match="expected a weight"):
+        clips_mod._checked_amax(torch.randn(3), native)
+    with pytest.raises(ValueError, match="fp32"):
+        native.row_absmax(torch.randn(3, 4).double())

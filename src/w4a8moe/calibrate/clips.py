@@ -211,16 +211,26 @@ def squared_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((y.to(torch.float64) - reference.to(torch.float64)) ** 2).sum())
 
 
-def _checked_amax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight in fp32, its per-channel max |W|)``, checked finite once for all clips."""
+def _checked_amax(weight: torch.Tensor, backend: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight in fp32, its per-channel max |W|)``, checked finite once for all clips.
+
+    Where ``backend`` offers ``row_absmax`` (the CPU kernel) and the weight is on the CPU, its
+    one pass gives the maxima: the same values (a max is exact) except the sign of an all-zero
+    channel's 0, which :func:`w4a8moe.quant.per_channel_scale`, the maxima's only use, maps
+    to scale 1 either way.
+    """
     if weight.dim() != 2:
         raise ValueError(f"expected a weight [N, K], got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
-    # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
-    # into it, so checking the N maxima checks the weight.
-    low, high = torch.aminmax(w, dim=-1)
-    amax = torch.maximum(-low, high)
-    if not bool(torch.isfinite(amax).all()):
+    if callable(getattr(backend, "row_absmax", None)) and w.device.type == "cpu" and w.shape[1] > 0:
+        amax, finite = backend.row_absmax(w)
+    else:
+        # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
+        # into it, so checking the N maxima checks the weight.
+        low, high = torch.aminmax(w, dim=-1)
+        amax = torch.maximum(-low, high)
+        finite = bool(torch.isfinite(amax).all())
+    if not finite:
         raise ValueError("weight contains NaN or Inf")
     return w, amax
 
@@ -264,8 +274,9 @@ def search_weight_clip(
     grid value with the least squared error over the rows (ties go to the larger clip, grid
     order). Returns ``(clip [N], error with clip 1 [N], error with the chosen clip [N])``.
     """
-    w, amax = _checked_amax(weight)
-    return _grid_search(products or IntProducts(), x_q, x_scale, w, amax, reference, grid)
+    products = products or IntProducts()
+    w, amax = _checked_amax(weight, products.backend)
+    return _grid_search(products, x_q, x_scale, w, amax, reference, grid)
 
 
 def _ste_round(z: torch.Tensor) -> torch.Tensor:
@@ -557,7 +568,7 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
     # down projection are shared by both down searches, the clip-1 ones by the RTN output).
     weights, amax = {}, {}
     for p in ("gate", "up", "down"):
-        weights[p], amax[p] = _checked_amax(getattr(w, p))
+        weights[p], amax[p] = _checked_amax(getattr(w, p), products.backend)
 
     def operand(p: str, clip: torch.Tensor | float) -> Int4Operand:
         return products.weight_operand(weights[p], per_channel_scale(amax[p], INT4_MAX, clip))

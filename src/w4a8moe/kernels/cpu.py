@@ -849,6 +849,23 @@ class CpuBackend:
                                                      *(_ptr(t) for t in terms), self.num_threads)
         return terms
 
+    def row_absmax(self, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(max |W| per row fp32 [N], whether W is finite)`` of fp32 ``weight`` ``[N, K]``, in
+        one parallel pass (the clip search's channel maxima). Exact where finite (a max rounds
+        nothing), except that an all-zero row gives +0 where torch's ``maximum(-min, max)`` may
+        give -0; where not finite the maxima are not magnitudes."""
+        if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError(f"expected an fp32 [N, K] weight on the CPU, got {weight.dtype} "
+                             f"{list(weight.shape)} on {weight.device}")
+        lib = self.kernel.lib
+        if lib.w4a8_row_absmax.argtypes is None:  # typed here, beside its only caller
+            lib.w4a8_row_absmax.restype = _INT
+            lib.w4a8_row_absmax.argtypes = [_P, _I64, _I64, _P, _INT]
+        weight = weight.contiguous()
+        out = torch.empty(weight.shape[0], dtype=torch.float32)
+        nonfinite = lib.w4a8_row_absmax(_ptr(weight), weight.shape[0], weight.shape[1], _ptr(out), self.num_threads)
+        return out, not nonfinite
+
 
 _WARNED = False
 

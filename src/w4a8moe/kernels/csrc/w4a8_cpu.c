@@ -1401,3 +1401,61 @@ void w4a8_ste_clip_quant_backward(const float *h, const float *g, int64_t m, int
     ste_args args = {h, g, bound, step, n, NULL, t_mul, t_div, t_min, t_max};
     ste_submit(ste_backward_rows, &args, m, nthreads);
 }
+
+/* ---- the clip search's channel maxima: max |w| per row, non-finite flagged ---- */
+
+/* out[r] = max_j |w[r, j]| of fp32 w [n, k] (exact: a max rounds nothing), from the bit
+ * patterns without the sign, which order like |w|, with inf and every NaN above all finite
+ * values; returns 1 when some row holds inf or NaN (its out is then not a magnitude), else 0.
+ * A zero row gives +0 (torch's maximum(-aminmax.min, aminmax.max) may give -0 there; the
+ * clip search's scales map both to 1). */
+typedef struct {
+    const float *w;
+    int64_t k;
+    float *out;
+    _Atomic int nonfinite;
+} absmax_args;
+
+static void absmax_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    absmax_args *a = (absmax_args *)job->args;
+    for (int64_t r = begin; r < end; r++) {
+        const uint32_t *row = (const uint32_t *)(a->w + r * a->k);
+        uint32_t max_bits = 0;
+        int64_t j = 0;
+#if W4A8_ISA == 3
+        const __m512i mask = _mm512_set1_epi32(0x7FFFFFFF);
+        __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+        for (; j + 32 <= a->k; j += 32) {
+            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j)), mask));
+            m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j + 16)), mask));
+        }
+        max_bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+#elif W4A8_ISA >= 1
+        const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+        __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+        for (; j + 16 <= a->k; j += 16) {
+            m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + j)), mask));
+            m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + j + 8)), mask));
+        }
+        uint32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, _mm256_max_epu32(m0, m1));
+        for (int l = 0; l < 8; l++) max_bits = lanes[l] > max_bits ? lanes[l] : max_bits;
+#endif
+        for (; j < a->k; j++) {
+            const uint32_t b = row[j] & 0x7FFFFFFFu;
+            max_bits = b > max_bits ? b : max_bits;
+        }
+        if (max_bits >= 0x7F800000u) atomic_store(&a->nonfinite, 1);
+        memcpy(a->out + r, &max_bits, 4);
+    }
+}
+
+int w4a8_row_absmax(const float *w, int64_t n, int64_t k, float *out, int nthreads) {
+    absmax_args args = {w, k, out, 0};
+    pool_job job = {.nphases = 1, .run = absmax_rows, .args = &args};
+    job.total[0] = n;
+    job.chunk[0] = chunk_for(n, nthreads, 4);
+    if (n > 0) pool_submit(&job, (n * k < (1 << 15)) ? 1 : nthreads);
+    return atomic_load(&args.nonfinite);
+}
