@@ -211,16 +211,26 @@ def squared_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((y.to(torch.float64) - reference.to(torch.float64)) ** 2).sum())
 
 
-def _checked_amax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight in fp32, its per-channel max |W|)``, checked finite once for all clips."""
+def _checked_amax(weight: torch.Tensor, backend: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight in fp32, its per-channel max |W|)``, checked finite once for all clips.
+
+    Where ``backend`` offers ``row_absmax`` (the CPU kernel) and the weight is on the CPU, its
+    one pass gives the maxima: the same values (a max is exact) except the sign of an all-zero
+    channel's 0, which :func:`w4a8moe.quant.per_channel_scale`, the maxima's only use, maps
+    to scale 1 either way.
+    """
     if weight.dim() != 2:
         raise ValueError(f"expected a weight [N, K], got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
-    # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
-    # into it, so checking the N maxima checks the weight.
-    low, high = torch.aminmax(w, dim=-1)
-    amax = torch.maximum(-low, high)
-    if not bool(torch.isfinite(amax).all()):
+    if callable(getattr(backend, "row_absmax", None)) and w.device.type == "cpu" and w.shape[1] > 0:
+        amax, finite = backend.row_absmax(w)
+    else:
+        # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
+        # into it, so checking the N maxima checks the weight.
+        low, high = torch.aminmax(w, dim=-1)
+        amax = torch.maximum(-low, high)
+        finite = bool(torch.isfinite(amax).all())
+    if not finite:
         raise ValueError("weight contains NaN or Inf")
     return w, amax
 
@@ -264,8 +274,9 @@ def search_weight_clip(
     grid value with the least squared error over the rows (ties go to the larger clip, grid
     order). Returns ``(clip [N], error with clip 1 [N], error with the chosen clip [N])``.
     """
-    w, amax = _checked_amax(weight)
-    return _grid_search(products or IntProducts(), x_q, x_scale, w, amax, reference, grid)
+    products = products or IntProducts()
+    w, amax = _checked_amax(weight, products.backend)
+    return _grid_search(products, x_q, x_scale, w, amax, reference, grid)
 
 
 def _ste_round(z: torch.Tensor) -> torch.Tensor:
@@ -275,7 +286,7 @@ def _ste_round(z: torch.Tensor) -> torch.Tensor:
 
 def refine_alpha_ste(
     gate_up: torch.Tensor, w_down: torch.Tensor, reference: torch.Tensor, alpha0: float,
-    steps: int = 40, lr: float = 0.02, form: str = "gram",
+    steps: int = 40, lr: float = 0.02, form: str = "gram", backend: object | None = None,
 ) -> list[float]:
     """Candidate clips from gradient descent on ``alpha_e`` through a straight-through rounding.
 
@@ -287,6 +298,9 @@ def refine_alpha_ste(
     or, from the second point on, ``2 (q G - ref W)`` with ``G = W^T W`` computed once
     (``gram``, :class:`GramGradient`): equal in exact arithmetic, rounded differently. Only
     the alphas it visits are returned; callers judge them with the exact runtime math.
+    ``backend`` (a kernel backend, optional): where it offers the refinement's fused passes
+    (the native CPU kernel, :func:`_native_ste`), the Gram form's steps after the first take
+    their gradient from it instead of autograd, with the same bits.
     """
     if form not in REFINE_FORMS:
         raise ValueError(f"form must be one of {REFINE_FORMS}, got {form!r}")
@@ -297,8 +311,9 @@ def refine_alpha_ste(
     log_alpha = torch.tensor(float(torch.log(torch.tensor(alpha0))), requires_grad=True, device=h.device)
     opt = torch.optim.Adam([log_alpha], lr=lr)
     q_grad = GramGradient(w_down, ref, scale) if form == "gram" else None
+    native = _native_ste(backend, h, hmax) if q_grad is not None else None
     with torch.enable_grad():  # callers may run under no_grad
-        return _descend(log_alpha, opt, h, hmax, w_down, ref, scale, steps, q_grad)
+        return _descend(log_alpha, opt, h, hmax, w_down, ref, scale, steps, q_grad, native)
 
 
 class GramGradient:
@@ -327,12 +342,91 @@ class GramGradient:
         return (q @ self._gram).sub_(self._target).mul_(self.norm)
 
 
+def _clip_bound(log_alpha: torch.Tensor, hmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(log_alpha), bound [M, 1])`` of the refinement's surrogate, under autograd or not."""
+    e = log_alpha.exp()
+    return e, e.clamp(ALPHA_MIN, 1.0) * hmax
+
+
+def _clip_step(bound: torch.Tensor) -> torch.Tensor:
+    """The quantization step ``[M, 1]`` of the clip ``bound``, as
+    :func:`w4a8moe.quant.swiglu_clip_quant` has it (1 where the bound is 0)."""
+    return torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
+
+
+def _sum_to_rows(t: torch.Tensor) -> torch.Tensor:
+    """``at::sum_to(t, [M, 1])`` as autograd reduces a broadcast ``[M, 1]`` operand's grad."""
+    return t if t.shape[1] == 1 else t.sum(dim=1, keepdim=True)
+
+
+def _surrogate_q(log_alpha: torch.Tensor, h: torch.Tensor, hmax: torch.Tensor) -> torch.Tensor:
+    """The refinement's straight-through fake quantization ``q`` ``[M, I]`` of ``h`` under
+    ``alpha = clamp(exp(log_alpha))``, differentiable in ``log_alpha`` (autograd's path)."""
+    # The order of these ops is part of the gradient's bits: it numbers autograd's nodes, and
+    # the engine accumulates bound's three grads in that order (see _NativeSteGradient).
+    _, bound = _clip_bound(log_alpha, hmax)
+    clipped = torch.minimum(torch.maximum(h, -bound), bound)
+    step = _clip_step(bound)
+    return _ste_round(clipped / step) * step
+
+
+class _NativeSteGradient:
+    """``d loss / d log_alpha`` of one Gram-form step, the bits autograd gives, with the
+    ``[M, I]`` elementwise work in two passes of the CPU kernel (its ``ste_clip_quant`` and
+    ``ste_clip_quant_terms``) instead of about forty torch ops.
+
+    The reductions and the ``[M, 1]`` and scalar steps stay torch's, those autograd's backward
+    functions run (tools/autograd/derivatives.yaml, FunctionsManual.cpp), in the engine's
+    order: it runs the ready node of the highest sequence number first, so ``bound``'s grad
+    is ``(d_step + d_min) + d_neg`` (the ``bound / 127`` path, then ``minimum``, then ``-bound``;
+    fp32 addition is not associative, so the order is part of the bits).
+    """
+
+    def __init__(self, kernel: object, h: torch.Tensor, hmax: torch.Tensor):
+        self.kernel, self.h, self.hmax = kernel, h, hmax
+        # Written again at every step: no [M, I] allocation per step.
+        self._q = torch.empty_like(h)
+        self._terms = tuple(torch.empty_like(h) for _ in range(4))
+
+    def __call__(self, log_alpha: torch.Tensor, q_grad: GramGradient) -> torch.Tensor:
+        """The gradient at ``log_alpha`` (0-dim), a fresh 0-dim fp32 tensor."""
+        with torch.no_grad():
+            e, bound = _clip_bound(log_alpha, self.hmax)
+            step = _clip_step(bound)
+            q = self.kernel.ste_clip_quant(self.h, bound, step, out=self._q)
+            t_mul, t_div, t_min, t_max = self.kernel.ste_clip_quant_terms(self.h, q_grad(q), bound, step,
+                                                                          out=self._terms)
+            # MulBackward0 (q = a * step) + DivBackward0 (z = clipped / step): step's grad;
+            # WhereBackward0, then DivBackward0 of bound / 127.
+            d_step = torch.where(bound > 0, _sum_to_rows(t_mul) + _sum_to_rows(t_div), 0) / INT8_MAX
+            # + MinimumBackward0's other, then NegBackward0 of MaximumBackward0's other.
+            d_bound = (d_step + _sum_to_rows(t_min)) + _sum_to_rows(t_max).neg()
+            # MulBackward0 (bound = alpha * hmax): sum_to a 0-dim alpha; ClampBackward1; ExpBackward0.
+            d_alpha = (d_bound * self.hmax).sum(dim=(0, 1), keepdim=True).view([])
+            inside = (e >= ALPHA_MIN).logical_and_(e <= 1.0)
+            return torch.where(inside, d_alpha, torch.zeros_like(d_alpha)) * e
+
+
+def _native_ste(backend: object | None, h: torch.Tensor, hmax: torch.Tensor) -> _NativeSteGradient | None:
+    """The one dispatch of the refinement's Gram-form steps: the kernel path where ``backend``
+    offers it and ``h`` suits it (fp32 on the CPU, finite: the kernel's max and min assume
+    it), else ``None`` (autograd, the same bits)."""
+    if backend is None or not callable(getattr(backend, "ste_clip_quant_terms", None)):
+        return None
+    if h.device.type != "cpu" or h.dtype != torch.float32 or h.dim() != 2 or h.numel() == 0:
+        return None
+    if not bool(torch.isfinite(hmax).all()):  # max |h| propagates NaN and Inf
+        return None
+    return _NativeSteGradient(backend, h.contiguous(), hmax)
+
+
 def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tensor, hmax: torch.Tensor,
              w_down: torch.Tensor, ref: torch.Tensor, scale: float, steps: int,
-             q_grad: GramGradient | None = None) -> list[float]:
+             q_grad: GramGradient | None = None, native: _NativeSteGradient | None = None) -> list[float]:
     """The gradient steps of :func:`refine_alpha_ste`; returns the alpha after each step.
     With ``q_grad`` (the Gram form) every point after the first takes the loss's gradient at
-    the fake-quantized input from it; otherwise the loss is differentiated through the output."""
+    the fake-quantized input from it, through ``native`` where given (:func:`_native_ste`),
+    else through autograd; otherwise the loss is differentiated through the output."""
     visited = []
     # The gradient is a function of log_alpha alone: where a step lands on a log_alpha seen
     # before (typically held at a bound by the clamp, e.g. alpha = 1), reuse it rather than
@@ -343,12 +437,11 @@ def _descend(log_alpha: torch.Tensor, opt: torch.optim.Optimizer, h: torch.Tenso
         opt.zero_grad()
         if key in seen:
             log_alpha.grad = seen[key].clone()
+        elif q_grad is not None and native is not None and seen:
+            log_alpha.grad = native(log_alpha.detach(), q_grad)
+            seen[key] = log_alpha.grad.clone()
         else:
-            alpha = log_alpha.exp().clamp(ALPHA_MIN, 1.0)
-            bound = alpha * hmax
-            clipped = torch.minimum(torch.maximum(h, -bound), bound)
-            step = torch.where(bound > 0, bound / INT8_MAX, torch.ones_like(bound))
-            q = _ste_round(clipped / step) * step
+            q = _surrogate_q(log_alpha, h, hmax)
             if q_grad is None or not seen:
                 loss = ((q @ w_down.T - ref) ** 2).mean() / scale
                 loss.backward()
@@ -382,7 +475,8 @@ def _alpha_search(products: IntProducts, gate_up: torch.Tensor, down: Int4Operan
     best_alpha, best_err = float(grid[best_i]), grid_errors[best_i]
     grid_best = best_alpha
     if refine_steps > 0:
-        path = refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr, refine_form)
+        path = refine_alpha_ste(gate_up, w_down, reference, best_alpha, refine_steps, refine_lr, refine_form,
+                                products.backend)
         # Judge every REFINE_EVAL_EVERY-th point of the path and its end with the exact math.
         for a in sorted(set(path[REFINE_EVAL_EVERY - 1 :: REFINE_EVAL_EVERY] + path[-1:])):
             e = err(a)
@@ -474,7 +568,7 @@ def _learn(x: torch.Tensor, w: ExpertWeights, settings: ClipSearchSettings, prod
     # down projection are shared by both down searches, the clip-1 ones by the RTN output).
     weights, amax = {}, {}
     for p in ("gate", "up", "down"):
-        weights[p], amax[p] = _checked_amax(getattr(w, p))
+        weights[p], amax[p] = _checked_amax(getattr(w, p), products.backend)
 
     def operand(p: str, clip: torch.Tensor | float) -> Int4Operand:
         return products.weight_operand(weights[p], per_channel_scale(amax[p], INT4_MAX, clip))

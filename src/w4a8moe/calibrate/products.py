@@ -13,7 +13,11 @@ written straight into its GEMM layout in one pass. The search quantizes each wei
 about twenty clip grids, and that pass is then as cheap as reading the weight once. It may
 also offer ``scaled_squared_error`` (the CPU backend does): the scaling of the products and
 their squared difference to a float64 reference, the same bits as those torch steps, in one
-pass; the sums over them stay torch's.
+pass; the sums over them stay torch's. The search's float steps use two more, where offered,
+through ``products.backend`` (see :mod:`w4a8moe.calibrate.clips`): ``row_absmax`` (the
+channel maxima) and ``ste_clip_quant`` / ``ste_clip_quant_terms`` (the alpha refinement's
+straight-through pass and its gradient terms), each with the torch path's bits (``row_absmax``
+up to the sign of a zero maximum, which changes no scale).
 """
 
 from __future__ import annotations

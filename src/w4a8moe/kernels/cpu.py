@@ -835,6 +835,85 @@ class CpuBackend:
         self.kernel.check(status)
         return out
 
+    # ---- the clip search's alpha refinement (w4a8moe.calibrate.clips, the Gram form) ----
+
+    def _ste_lib(self) -> ctypes.CDLL:
+        """The library with the refinement's entry points typed (declared here, on first use,
+        beside the only methods that call them)."""
+        lib = self.kernel.lib
+        if lib.w4a8_ste_clip_quant.argtypes is None:
+            lib.w4a8_ste_clip_quant.restype = None
+            lib.w4a8_ste_clip_quant.argtypes = [_P, _I64, _I64, _P, _P, _P, _INT]
+            lib.w4a8_ste_clip_quant_backward.restype = None
+            lib.w4a8_ste_clip_quant_backward.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
+        return lib
+
+    @staticmethod
+    def _ste_rows(h: torch.Tensor, bound: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if h.dtype != torch.float32 or h.dim() != 2 or h.device.type != "cpu":
+            raise ValueError(f"h must be fp32 [M, I] on the CPU, got {h.dtype} {list(h.shape)} on {h.device}")
+        m = h.shape[0]
+        for name, t in (("bound", bound), ("step", step)):
+            if t.dtype != torch.float32 or t.numel() != m:
+                raise ValueError(f"{name} must be fp32 with {m} values, got {t.dtype} {list(t.shape)}")
+        return h.contiguous(), bound.reshape(m).contiguous(), step.reshape(m).contiguous()
+
+    @staticmethod
+    def _ste_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        if out is None:
+            return torch.empty_like(like)
+        if out.dtype != torch.float32 or out.shape != like.shape or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous fp32 {list(like.shape)}, got {out.dtype} {list(out.shape)}")
+        return out
+
+    def ste_clip_quant(self, h: torch.Tensor, bound: torch.Tensor, step: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """The refinement's straight-through fake quantization ``q`` fp32 ``[M, I]`` of finite
+        ``h``: per row ``z = minimum(maximum(h, -bound), bound) / step``,
+        ``q = (z + (round(z) - z)) * step`` (``bound``, ``step`` fp32 ``[M, 1]``, ``step > 0``),
+        the bits of those torch ops, in one pass (into ``out`` when given)."""
+        h, b, s = self._ste_rows(h, bound, step)
+        q = self._ste_out(out, h)
+        self._ste_lib().w4a8_ste_clip_quant(_ptr(h), h.shape[0], h.shape[1], _ptr(b), _ptr(s), _ptr(q),
+                                            self.num_threads)
+        return q
+
+    def ste_clip_quant_terms(self, h: torch.Tensor, g: torch.Tensor, bound: torch.Tensor, step: torch.Tensor,
+                             out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """The ``[M, I]`` terms of autograd's backward of :meth:`ste_clip_quant` at
+        ``g = d loss / d q``, before their reductions to ``[M, 1]`` (the bits of autograd's
+        backward functions, in one pass; see ``w4a8_ste_clip_quant_backward`` in the C source):
+        ``(t_mul, t_div, t_min, t_max)``, the grads of ``step`` through ``q = a * step`` and
+        ``z = clipped / step``, of ``bound`` through ``minimum`` and of ``-bound`` through
+        ``maximum``. ``out``: four tensors to write into."""
+        h, b, s = self._ste_rows(h, bound, step)
+        if g.dtype != torch.float32 or g.shape != h.shape:
+            raise ValueError(f"g must be fp32 {list(h.shape)}, got {g.dtype} {list(g.shape)}")
+        g = g.contiguous()
+        terms = tuple(self._ste_out(t, h) for t in (out or (None,) * 4))
+        if len(terms) != 4:
+            raise ValueError(f"out must hold 4 tensors, got {len(terms)}")
+        self._ste_lib().w4a8_ste_clip_quant_backward(_ptr(h), _ptr(g), h.shape[0], h.shape[1], _ptr(b), _ptr(s),
+                                                     *(_ptr(t) for t in terms), self.num_threads)
+        return terms
+
+    def row_absmax(self, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(max |W| per row fp32 [N], whether W is finite)`` of fp32 ``weight`` ``[N, K]``, in
+        one parallel pass (the clip search's channel maxima). Exact where finite (a max rounds
+        nothing), except that an all-zero row gives +0 where torch's ``maximum(-min, max)`` may
+        give -0; where not finite the maxima are not magnitudes."""
+        if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError(f"expected an fp32 [N, K] weight on the CPU, got {weight.dtype} "
+                             f"{list(weight.shape)} on {weight.device}")
+        lib = self.kernel.lib
+        if lib.w4a8_row_absmax.argtypes is None:  # typed here, beside its only caller
+            lib.w4a8_row_absmax.restype = _INT
+            lib.w4a8_row_absmax.argtypes = [_P, _I64, _I64, _P, _INT]
+        weight = weight.contiguous()
+        out = torch.empty(weight.shape[0], dtype=torch.float32)
+        nonfinite = lib.w4a8_row_absmax(_ptr(weight), weight.shape[0], weight.shape[1], _ptr(out), self.num_threads)
+        return out, not nonfinite
+
 
 _WARNED = False
 

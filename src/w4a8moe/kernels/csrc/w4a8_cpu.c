@@ -1334,3 +1334,224 @@ void w4a8_scaled_sq_err(const int32_t *acc, int64_t m, int64_t n, const float *x
     job.chunk[0] = chunk_for(m, nthreads, 4);
     if (m > 0 && n > 0) pool_submit(&job, (m * n < (1 << 15)) ? 1 : nthreads);
 }
+
+/* ---- the clip search's alpha refinement: the straight-through clip-quant and its gradient ---- */
+
+/* For the Gram form of the alpha refinement (calibrate/clips.py), whose every step after the
+ * first needs d loss / d alpha through the straight-through fake quantization of h [m, n]
+ * (per row r: bound b = bound[r] >= 0, step s = step[r] > 0, both computed by torch):
+ *   mx = maximum(h, -b); c = minimum(mx, b); z = c / s; a = z + (round(z) - z); q = a * s.
+ * The backward pass gets g = d loss / d q and writes the four [m, n] terms that autograd's
+ * backward functions reduce to [m, 1] (the caller sums them with torch, in torch's order):
+ *   MulBackward0 (q = a * s):       ga = g * s;          t_mul = g * a
+ *   DivBackward0 (z = c / s):       gc = ga / s;         t_div = -ga * ((c / s) / s)
+ *   MinimumBackward0, other (b):    t_min = where(mx == b, gc / 2, gc).masked_fill(mx < b, 0)
+ *   MaximumBackward0, other (-b):   gm = where(mx == b, gc / 2, gc).masked_fill(mx > b, 0);
+ *                                   t_max = where(h == -b, gm / 2, gm).masked_fill(h > -b, 0)
+ * Each is the IEEE single operation torch runs, in torch's order, so the bits are autograd's.
+ * For finite h only (the caller checks max |h|): torch's maximum and minimum propagate NaN,
+ * and return either zero on a tie of +0 and -0; neither can change a gradient bit here (a
+ * zero's sign only enters through z where b = 0, whose terms torch's where discards).
+ * AVX-512 or AVX2 lanes, the scalar code for row tails. */
+typedef struct {
+    const float *h, *g, *bound, *step;
+    int64_t n;
+    float *q, *t_mul, *t_div, *t_min, *t_max;
+} ste_args;
+
+/* One element of each pass, the scalar code (row tails; the vector code below is the same
+ * operations lane by lane). */
+static inline float ste_q(float x, float b, float nb, float s) {
+    const float mx = x > nb ? x : nb;
+    const float c = mx < b ? mx : b;
+    const float z = c / s;
+    return (z + (rintf(z) - z)) * s;
+}
+
+static inline void ste_terms(float x, float gq, float b, float nb, float s, float *t_mul, float *t_div, float *t_min,
+                             float *t_max) {
+    const float mx = x > nb ? x : nb;
+    const float c = mx < b ? mx : b;
+    const float z = c / s;
+    const float ga = gq * s;
+    *t_mul = gq * (z + (rintf(z) - z));
+    *t_div = -ga * (z / s);
+    const float gc = ga / s;
+    const float w = mx == b ? gc / 2.0f : gc;
+    *t_min = mx < b ? 0.0f : w;
+    const float gm = mx > b ? 0.0f : w;
+    const float wm = x == nb ? gm / 2.0f : gm;
+    *t_max = x > nb ? 0.0f : wm;
+}
+
+static void ste_forward_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const ste_args *a = (const ste_args *)job->args;
+    const int64_t n = a->n;
+    for (int64_t r = begin; r < end; r++) {
+        const float b = a->bound[r], nb = -b, s = a->step[r];
+        const float *h = a->h + r * n;
+        float *q = a->q + r * n;
+        int64_t j = 0;
+#if W4A8_ISA == 3
+        const __m512 vb = _mm512_set1_ps(b), vnb = _mm512_set1_ps(nb), vs = _mm512_set1_ps(s);
+        for (; j + 16 <= n; j += 16) {
+            const __m512 x = _mm512_loadu_ps(h + j);
+            const __m512 mx = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vnb, _CMP_GT_OQ), vnb, x);
+            const __m512 c = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, vb, _CMP_LT_OQ), vb, mx);
+            const __m512 z = _mm512_div_ps(c, vs);
+            const __m512 rz = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm512_storeu_ps(q + j, _mm512_mul_ps(_mm512_add_ps(z, _mm512_sub_ps(rz, z)), vs));
+        }
+#elif W4A8_ISA >= 1
+        const __m256 vb = _mm256_set1_ps(b), vnb = _mm256_set1_ps(nb), vs = _mm256_set1_ps(s);
+        for (; j + 8 <= n; j += 8) {
+            const __m256 x = _mm256_loadu_ps(h + j);
+            const __m256 mx = _mm256_blendv_ps(vnb, x, _mm256_cmp_ps(x, vnb, _CMP_GT_OQ));
+            const __m256 c = _mm256_blendv_ps(vb, mx, _mm256_cmp_ps(mx, vb, _CMP_LT_OQ));
+            const __m256 z = _mm256_div_ps(c, vs);
+            const __m256 rz = _mm256_round_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm256_storeu_ps(q + j, _mm256_mul_ps(_mm256_add_ps(z, _mm256_sub_ps(rz, z)), vs));
+        }
+#endif
+        for (; j < n; j++) q[j] = ste_q(h[j], b, nb, s);
+    }
+}
+
+static void ste_backward_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    const ste_args *a = (const ste_args *)job->args;
+    const int64_t n = a->n;
+    for (int64_t r = begin; r < end; r++) {
+        const float b = a->bound[r], nb = -b, s = a->step[r];
+        const float *h = a->h + r * n, *g = a->g + r * n;
+        float *t_mul = a->t_mul + r * n, *t_div = a->t_div + r * n;
+        float *t_min = a->t_min + r * n, *t_max = a->t_max + r * n;
+        int64_t j = 0;
+#if W4A8_ISA == 3
+        const __m512 vb = _mm512_set1_ps(b), vnb = _mm512_set1_ps(nb), vs = _mm512_set1_ps(s);
+        const __m512 two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps(), sign = _mm512_set1_ps(-0.0f);
+        for (; j + 16 <= n; j += 16) {
+            const __m512 x = _mm512_loadu_ps(h + j), gq = _mm512_loadu_ps(g + j);
+            const __mmask16 x_gt_nb = _mm512_cmp_ps_mask(x, vnb, _CMP_GT_OQ);
+            const __m512 mx = _mm512_mask_blend_ps(x_gt_nb, vnb, x);
+            const __mmask16 mx_lt_b = _mm512_cmp_ps_mask(mx, vb, _CMP_LT_OQ);
+            const __m512 c = _mm512_mask_blend_ps(mx_lt_b, vb, mx);
+            const __m512 z = _mm512_div_ps(c, vs);
+            const __m512 rz = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 ga = _mm512_mul_ps(gq, vs);
+            _mm512_storeu_ps(t_mul + j, _mm512_mul_ps(gq, _mm512_add_ps(z, _mm512_sub_ps(rz, z))));
+            _mm512_storeu_ps(t_div + j, _mm512_mul_ps(_mm512_xor_ps(ga, sign), _mm512_div_ps(z, vs)));
+            const __m512 gc = _mm512_div_ps(ga, vs);
+            const __m512 w = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, vb, _CMP_EQ_OQ), gc, _mm512_div_ps(gc, two));
+            _mm512_storeu_ps(t_min + j, _mm512_mask_blend_ps(mx_lt_b, w, zero));
+            const __m512 gm = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, vb, _CMP_GT_OQ), w, zero);
+            const __m512 wm = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vnb, _CMP_EQ_OQ), gm, _mm512_div_ps(gm, two));
+            _mm512_storeu_ps(t_max + j, _mm512_mask_blend_ps(x_gt_nb, wm, zero));
+        }
+#elif W4A8_ISA >= 1
+        const __m256 vb = _mm256_set1_ps(b), vnb = _mm256_set1_ps(nb), vs = _mm256_set1_ps(s);
+        const __m256 two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+        for (; j + 8 <= n; j += 8) {
+            const __m256 x = _mm256_loadu_ps(h + j), gq = _mm256_loadu_ps(g + j);
+            const __m256 x_gt_nb = _mm256_cmp_ps(x, vnb, _CMP_GT_OQ);
+            const __m256 mx = _mm256_blendv_ps(vnb, x, x_gt_nb);
+            const __m256 mx_lt_b = _mm256_cmp_ps(mx, vb, _CMP_LT_OQ);
+            const __m256 c = _mm256_blendv_ps(vb, mx, mx_lt_b);
+            const __m256 z = _mm256_div_ps(c, vs);
+            const __m256 rz = _mm256_round_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256 ga = _mm256_mul_ps(gq, vs);
+            _mm256_storeu_ps(t_mul + j, _mm256_mul_ps(gq, _mm256_add_ps(z, _mm256_sub_ps(rz, z))));
+            _mm256_storeu_ps(t_div + j, _mm256_mul_ps(_mm256_xor_ps(ga, sign), _mm256_div_ps(z, vs)));
+            const __m256 gc = _mm256_div_ps(ga, vs);
+            const __m256 w = _mm256_blendv_ps(gc, _mm256_div_ps(gc, two), _mm256_cmp_ps(mx, vb, _CMP_EQ_OQ));
+            _mm256_storeu_ps(t_min + j, _mm256_blendv_ps(w, zero, mx_lt_b));
+            const __m256 gm = _mm256_blendv_ps(w, zero, _mm256_cmp_ps(mx, vb, _CMP_GT_OQ));
+            const __m256 wm = _mm256_blendv_ps(gm, _mm256_div_ps(gm, two), _mm256_cmp_ps(x, vnb, _CMP_EQ_OQ));
+            _mm256_storeu_ps(t_max + j, _mm256_blendv_ps(wm, zero, x_gt_nb));
+        }
+#endif
+        for (; j < n; j++) ste_terms(h[j], g[j], b, nb, s, t_mul + j, t_div + j, t_min + j, t_max + j);
+    }
+}
+
+static void ste_submit(phase_fn run, const ste_args *args, int64_t m, int nthreads) {
+    pool_job job = {.nphases = 1, .run = run, .args = args};
+    job.total[0] = m;
+    job.chunk[0] = chunk_for(m, nthreads, 4);
+    /* Below torch's grain size one thread: waking the team costs more than the rows. */
+    if (m > 0 && args->n > 0) pool_submit(&job, (m * args->n < (1 << 15)) ? 1 : nthreads);
+}
+
+/* q [m, n] of the straight-through clip-quant (see above); bound, step [m]. */
+void w4a8_ste_clip_quant(const float *h, int64_t m, int64_t n, const float *bound, const float *step, float *q,
+                         int nthreads) {
+    ste_args args = {h, NULL, bound, step, n, q, NULL, NULL, NULL, NULL};
+    ste_submit(ste_forward_rows, &args, m, nthreads);
+}
+
+/* The four [m, n] gradient terms of the straight-through clip-quant at g = d loss / d q. */
+void w4a8_ste_clip_quant_backward(const float *h, const float *g, int64_t m, int64_t n, const float *bound,
+                                  const float *step, float *t_mul, float *t_div, float *t_min, float *t_max,
+                                  int nthreads) {
+    ste_args args = {h, g, bound, step, n, NULL, t_mul, t_div, t_min, t_max};
+    ste_submit(ste_backward_rows, &args, m, nthreads);
+}
+
+/* ---- the clip search's channel maxima: max |w| per row, non-finite flagged ---- */
+
+/* out[r] = max_j |w[r, j]| of fp32 w [n, k] (exact: a max rounds nothing), from the bit
+ * patterns without the sign, which order like |w|, with inf and every NaN above all finite
+ * values; returns 1 when some row holds inf or NaN (its out is then not a magnitude), else 0.
+ * A zero row gives +0 (torch's maximum(-aminmax.min, aminmax.max) may give -0 there; the
+ * clip search's scales map both to 1). */
+typedef struct {
+    const float *w;
+    int64_t k;
+    float *out;
+    _Atomic int nonfinite;
+} absmax_args;
+
+static void absmax_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase; (void)participant;
+    absmax_args *a = (absmax_args *)job->args;
+    for (int64_t r = begin; r < end; r++) {
+        const uint32_t *row = (const uint32_t *)(a->w + r * a->k);
+        uint32_t max_bits = 0;
+        int64_t j = 0;
+#if W4A8_ISA == 3
+        const __m512i mask = _mm512_set1_epi32(0x7FFFFFFF);
+        __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+        for (; j + 32 <= a->k; j += 32) {
+            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j)), mask));
+            m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j + 16)), mask));
+        }
+        max_bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+#elif W4A8_ISA >= 1
+        const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+        __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+        for (; j + 16 <= a->k; j += 16) {
+            m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + j)), mask));
+            m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + j + 8)), mask));
+        }
+        uint32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, _mm256_max_epu32(m0, m1));
+        for (int l = 0; l < 8; l++) max_bits = lanes[l] > max_bits ? lanes[l] : max_bits;
+#endif
+        for (; j < a->k; j++) {
+            const uint32_t b = row[j] & 0x7FFFFFFFu;
+            max_bits = b > max_bits ? b : max_bits;
+        }
+        if (max_bits >= 0x7F800000u) atomic_store(&a->nonfinite, 1);
+        memcpy(a->out + r, &max_bits, 4);
+    }
+}
+
+int w4a8_row_absmax(const float *w, int64_t n, int64_t k, float *out, int nthreads) {
+    absmax_args args = {w, k, out, 0};
+    pool_job job = {.nphases = 1, .run = absmax_rows, .args = &args};
+    job.total[0] = n;
+    job.chunk[0] = chunk_for(n, nthreads, 4);
+    if (n > 0) pool_submit(&job, (n * k < (1 << 15)) ? 1 : nthreads);
+    return atomic_load(&args.nonfinite);
+}
