@@ -22,7 +22,10 @@ straight-through refinement of alpha (fp32 matmuls) and the rest (the float refe
 gate/up channels with large outputs that the down projection barely uses, so the activation
 clip moves off 1 and the refinement really runs (an expert whose best alpha stays 1 costs
 less). ``--no-refine`` times the search with ``refine_steps = 0`` as well. The last lines
-extrapolate to DeepSeek-V3 (256 experts x 58 MoE layers), clip search only.
+extrapolate to DeepSeek-V3 (256 experts x 58 MoE layers), clip search only. ``--today [REV]``
+also times the search as the code at git revision REV ran it (default: the code issue #12
+measured, before the products ran on the kernel backends), exported from git into a temporary
+folder and run in a subprocess on the same expert, and checks it learns the same clips.
 """
 
 from __future__ import annotations
@@ -118,11 +121,61 @@ def same_clips(a, b) -> bool:
     return a.alpha == b.alpha and all(torch.equal(a.weight_clip[p], b.weight_clip[p]) for p in a.weight_clip)
 
 
+TODAY_REV = "0d355ec"
+"""The last commit before the clip search ran on the kernel backends: the search issue #12
+measured (40 s per expert at DeepSeek-V3 shapes, float64 products)."""
+
+_TODAY_SCRIPT = """
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from w4a8moe.calibrate import ClipSearchSettings, ExpertWeights, learn_expert_clips
+torch.set_num_threads(int(sys.argv[3]))
+saved = torch.load(sys.argv[2])
+x, w = saved["x"], ExpertWeights(saved["gate"], saved["up"], saved["down"])
+t0 = time.perf_counter()
+with torch.no_grad():
+    r = learn_expert_clips(x, w, ClipSearchSettings())
+seconds = time.perf_counter() - t0
+print("TODAY " + json.dumps({"seconds": seconds, "alpha": r.alpha,
+                              "clips": {p: c.tolist() for p, c in r.weight_clip.items()}}))
+"""
+
+
+def time_today(rev: str, threads: int, x: torch.Tensor, w: ExpertWeights) -> dict:
+    """The clip search of the code at git revision ``rev`` (its ``src`` exported to a temporary
+    folder) on the same expert, in a subprocess with ``threads`` torch threads."""
+    import json
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "src"], capture_output=True, check=True)
+        tar_path = Path(tmp) / "src.tar"
+        tar_path.write_bytes(archive.stdout)
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(tmp, filter="data")
+        expert = Path(tmp) / "expert.pt"
+        torch.save({"x": x, "gate": w.gate, "up": w.up, "down": w.down}, expert)
+        proc = subprocess.run([sys.executable, "-c", _TODAY_SCRIPT, str(Path(tmp) / "src"), str(expert), str(threads)],
+                              capture_output=True, text=True, cwd=tmp)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TODAY ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"the search at {rev} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(line.split(" ", 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of H and I, 128 tokens")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts for the cpu runs")
     parser.add_argument("--no-refine", action="store_true", help="also time the search with refine_steps = 0")
+    parser.add_argument("--today", nargs="?", const=TODAY_REV, default=None, metavar="REV",
+                        help=f"also time the search of git revision REV (default {TODAY_REV}, the code the issue "
+                             "measured) on the same expert, in a subprocess per thread count")
     args = parser.parse_args()
     hidden, inter, tokens = (HIDDEN // 4, INTER // 4, TOKENS // 2) if args.quick else (HIDDEN, INTER, TOKENS)
     all_threads = torch.get_num_threads()
@@ -171,6 +224,21 @@ def main() -> None:
         fastest[label] = min(t["total"] for name, form, _, t, _ in rows if name == "cpu" and form == forms[-1])
         print(f"{label:<10} alpha {base.alpha} (grid best {base.alpha_grid_best}), status {base.status}; the "
               f"direct form gives the reference's bits on the kernel at every thread count")
+    if args.today:
+        print(f"\nthe search of revision {args.today} (the code before this work) on the same expert, "
+              f"one subprocess per thread count, against the fastest form here:")
+        for n in threads:
+            old_run = time_today(args.today, n, x, w)
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                now = learn_expert_clips(x, w, ClipSearchSettings(), products=IntProducts(cpu))
+            seconds = time.perf_counter() - t0
+            same = old_run["alpha"] == now.alpha and all(
+                old_run["clips"][p] == now.weight_clip[p].tolist() for p in now.weight_clip)
+            print(f"  {n} thread(s): {args.today} {old_run['seconds']:.2f} s, now {seconds:.2f} s: "
+                  f"{old_run['seconds'] / seconds:.1f}x; clips and alpha {'identical' if same else 'DIFFERENT'}")
+        torch.set_num_threads(all_threads)
     print(f"load average after {os.getloadavg()}")
     if not args.quick:
         n = DEEPSEEK_EXPERTS * DEEPSEEK_MOE_LAYERS
