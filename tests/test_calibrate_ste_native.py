@@ -13,27 +13,22 @@ import math
 import pytest
 import torch
 
-from w4a8moe.calibrate import ClipSearchSettings, ExpertWeights, learn_expert_clips
+from w4a8moe.calibrate import ClipSearchSettings, learn_expert_clips
 from w4a8moe.calibrate import clips as clips_mod
 from w4a8moe.calibrate.clips import ALPHA_MIN
 from w4a8moe.calibrate.products import IntProducts
 from w4a8moe.kernels import cpu as cpu_mod
 from w4a8moe.quant import swiglu_fp32
+from tests.conftest import cpu_backend_or_skip
 
 ISAS = ["native", "avx2"]  # the AVX-512 and the AVX2 loops (and their scalar row tails)
 
 
-def _backend_or_skip(isa: str) -> cpu_mod.CpuBackend:
-    try:
-        cpu_mod.load_kernel("native")
-    except cpu_mod.KernelBuildError as exc:
-        pytest.skip(f"the CPU kernel cannot be built here: {exc}")
-    return cpu_mod.CpuBackend(isa)
 
 
 @pytest.fixture(params=ISAS)
 def backend(request) -> cpu_mod.CpuBackend:
-    return _backend_or_skip(request.param)
+    return cpu_backend_or_skip(request.param)
 
 
 @pytest.fixture
@@ -216,7 +211,7 @@ class _WithoutSteKernel:
 def test_learned_clips_are_the_same_with_and_without_the_kernel_refinement():
     from tests.test_calibrate import _assert_same_clips, _expert, _split_behaviour_expert, _tokens
 
-    native = _backend_or_skip("native")
+    native = cpu_backend_or_skip("native")
     w, x = _split_behaviour_expert()
     x_same = x.clone()
     x_same[:, 1], x_same[:, 0] = x[0, 1], 8.0
@@ -228,7 +223,7 @@ def test_learned_clips_are_the_same_with_and_without_the_kernel_refinement():
 
 
 def test_dispatch():
-    native = _backend_or_skip("native")
+    native = cpu_backend_or_skip("native")
     h = torch.randn(4, 8)
     hmax = h.abs().amax(dim=-1, keepdim=True)
     assert clips_mod._native_ste(native, h, hmax) is not None
@@ -247,7 +242,7 @@ def test_dispatch():
 
 
 def test_kernel_entry_points_check_their_arguments():
-    native = _backend_or_skip("native")
+    native = cpu_backend_or_skip("native")
     h, bound, step = torch.randn(3, 8), torch.ones(3, 1), torch.ones(3, 1)
     with pytest.raises(ValueError, match="h must be fp32"):
         native.ste_clip_quant(h.double(), bound, step)
@@ -306,7 +301,7 @@ def test_row_absmax_flags_non_finite_weights(backend, bad):
 
 
 def test_checked_amax_dispatch():
-    native = _backend_or_skip("native")
+    native = cpu_backend_or_skip("native")
     w = torch.randn(64, 100).to(torch.bfloat16)
     w32, amax = clips_mod._checked_amax(w, native)
     assert w32.dtype == torch.float32 and torch.equal(amax, _torch_amax(w32))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import adversarial_rows
+from tests.conftest import adversarial_rows, cpu_backend_or_skip
 from tests.reference import spec_numpy as ref
 from w4a8moe.formats import MoEModelConfig, quantize_moe_layer
 from w4a8moe.kernels import cpu as cpu_mod
@@ -38,14 +38,6 @@ from w4a8moe.quant import (
 )
 
 
-def _backend_or_skip(isa: str) -> cpu_mod.CpuBackend:
-    # Skip only where the machine cannot build the kernel at all; once the native build works
-    # (a compiler and AVX2 are there), every lower ISA variant must build too.
-    try:
-        cpu_mod.load_kernel("native")
-    except cpu_mod.KernelBuildError as exc:
-        pytest.skip(f"the CPU kernel cannot be built here: {exc}")
-    return cpu_mod.CpuBackend(isa)
 
 
 def test_kernel_builds_where_a_compiler_and_avx2_exist():
@@ -61,12 +53,12 @@ ISAS = ["native", "avx2", "avx2-maddubs"]
 
 @pytest.fixture(params=ISAS)
 def backend(request) -> cpu_mod.CpuBackend:
-    return _backend_or_skip(request.param)
+    return cpu_backend_or_skip(request.param)
 
 
 @pytest.fixture
 def native() -> cpu_mod.CpuBackend:
-    return _backend_or_skip("native")
+    return cpu_backend_or_skip("native")
 
 
 def _round_up(v: int, to: int) -> int:

@@ -3,9 +3,10 @@
 The converter reports ``||y_q - y||^2 / ||y||^2`` of the whole quantized MoE block (RTN and
 learned) against the source block's output. Building the quantized layer for that would
 hold every expert's packed weights at once (22 MB per DeepSeek-V3 expert, twice); instead
-each expert's rows are added as the expert is quantized, with the reference backend's own
-per-expert code and in the order :func:`w4a8moe.kernels.base.combine_rows` defines (experts in
-increasing index onto fp32 zeros), so the result has the same bits as
+each expert's rows are added as the expert is quantized, by the fastest CPU backend (the
+native kernel, bit-exact against the reference backend, which runs where it cannot build)
+and in the order :func:`w4a8moe.kernels.base.combine_rows` defines (experts in increasing
+index onto fp32 zeros), so the result has the same bits as
 ``W4A8MoE.from_quantized(layer, backend="reference")(x)``.
 """
 
@@ -14,10 +15,19 @@ from __future__ import annotations
 import torch
 
 from w4a8moe.formats.model_config import RoutingConfig
-from w4a8moe.kernels import PackedExpertWeights
+from w4a8moe.kernels import ExpertBackend, PackedExpertWeights, get_backend
 from w4a8moe.kernels.reference import ReferenceBackend
 from w4a8moe.moe import select_experts
 from w4a8moe.moe.layer import shared_expert_from_quantized
+
+
+def _exact_cpu_backend() -> ExpertBackend:
+    """The native CPU kernel, else the reference backend: whatever ``$W4A8MOE_BACKEND`` names
+    for the model, the report's bits are those of the reference."""
+    try:
+        return get_backend("cpu")
+    except RuntimeError:  # the kernel cannot be built here (one warning was given)
+        return ReferenceBackend()
 
 
 class StreamedMoEOutput:
@@ -29,7 +39,7 @@ class StreamedMoEOutput:
 
     def __init__(self, x: torch.Tensor, router_weight: torch.Tensor, routing: RoutingConfig,
                  correction_bias: torch.Tensor | None):
-        self._backend = ReferenceBackend()
+        self._backend = _exact_cpu_backend()
         self.routing = routing
         self.x = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         # As W4A8MoE.route: fp32 logits of the bf16 input against the fp32 router.
@@ -67,7 +77,8 @@ class StreamedMoEOutput:
         )
         offsets = torch.tensor([0, token_ids.numel()], dtype=torch.int64)
         alpha_t = torch.as_tensor(alpha, dtype=torch.float32).reshape(1)
-        rows = self._backend.grouped_forward(weights, self.x_q, self.x_scale, token_ids, offsets, alpha_t)
+        prepared = self._backend.prepare(weights)
+        rows = self._backend.grouped_forward(prepared, self.x_q, self.x_scale, token_ids, offsets, alpha_t)
         self.sum.index_add_(0, token_ids, rows.to(torch.float32) * row_weights.to(torch.float32).reshape(-1, 1))
 
     def finish(self, shared: dict | None, shared_expert_gate: torch.Tensor | None) -> torch.Tensor:

@@ -17,9 +17,12 @@ def _per_channel_symmetric(
     if weight.dim() < 2:
         raise ValueError(f"expected a weight [..., N, K], got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
+    # NaN and Inf propagate into the channel maxima: checking the N maxima checks the weight,
+    # without a pass over it.
+    amax = w.abs().amax(dim=-1)
+    if not bool(torch.isfinite(amax).all()):
         raise ValueError("weight contains NaN or Inf")
-    scale = per_channel_scale(w.abs().amax(dim=-1), qmax, clip)
+    scale = per_channel_scale(amax, qmax, clip)
     return quantize_with_scale(w, scale, qmax), scale
 
 
