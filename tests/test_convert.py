@@ -479,20 +479,3 @@ def test_fp16_and_fp32_sources(tmp_path, dtype):
     ckpt = open_checkpoint(tmp_path / "dst")
     assert ckpt.reader.infos["model.norm.weight"].dtype == dtype  # kept tensors stay as the source has them
     assert report["units"]["layer_1"]["moe"]["layer_rel_err_learned"] is not None
-
-
-def test_conversion_fixes_the_heap_mmap_threshold(monkeypatch):
-    """glibc's dynamic mmap threshold fragments the heap over many experts; the converter fixes
-    it (once, where the environment does not), and a set environment variable wins."""
-    import platform
-
-    from w4a8moe.convert import pipeline
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not glibc")
-    monkeypatch.setattr(pipeline, "_HEAP_BOUND_SET", False)
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert pipeline.bound_heap_growth() is False
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert pipeline.bound_heap_growth() is True
-    assert pipeline.bound_heap_growth() is True  # idempotent

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
 import platform
 import resource
 import sys
@@ -229,35 +228,32 @@ def _expert_learner(source: SourceCheckpoint, products: IntProducts) -> LearnOne
     return learn_one
 
 
-MMAP_THRESHOLD_BYTES = 4 << 20
-"""Allocations from this size up are mapped and unmapped by themselves (glibc's
-``M_MMAP_THRESHOLD``), never carved from the heap: see :func:`bound_heap_growth`."""
-_HEAP_BOUND_SET = False
-
-
-def bound_heap_growth() -> bool:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process (once; not
-    where ``$MALLOC_MMAP_THRESHOLD_`` is set, nor off glibc). Returns whether it is set.
-
-    glibc raises the threshold to the size of each mapped block freed (up to 32 MiB), after
-    which the converter's per-expert temporaries of 4-32 MB (int8 values, packed weights) come
-    from the heap, which fragments: at DeepSeek-V3 expert shapes a round-to-nearest MoE layer's
-    peak anonymous memory grew by 170 MiB from 16 to 64 experts (+11 %), and by -0.3 % with the
-    threshold fixed (``python bench/bench_convert.py --scale``)."""
-    global _HEAP_BOUND_SET
-    if _HEAP_BOUND_SET:
-        return True
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not platform.libc_ver()[0] == "glibc":
-        return False
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    m_mmap_threshold = -3  # <malloc.h>
-    _HEAP_BOUND_SET = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
-    return _HEAP_BOUND_SET
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the system (glibc ``malloc_trim(0)``), after each expert.
+
+    glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB),
+    after which the converter's per-expert temporaries of 4-32 MB (int8 values, packed
+    weights) come from the heap, where free gaps stay counted as resident: at DeepSeek-V3
+    expert shapes a round-to-nearest MoE layer's peak anonymous memory grew by 170 MiB from 16
+    to 64 experts (+11 %). Trimming keeps the threshold (fixing it at 4 MiB bounded the memory
+    too but cost 0.7 s per learned expert in page faults). Returns whether memory was released."""
+    return bool(_MALLOC_TRIM(0)) if _MALLOC_TRIM is not None else False
 
 
 def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, tokenizer, calib_sequences: int,
@@ -265,7 +261,6 @@ def _convert(src: Path, dst: Path, fmt: CheckpointFormat, learn: bool, calib, to
              max_shard_bytes: int, batch_size: int, progress: bool, fail_after_shards: int | None,
              quant_method: str | None, split: ExpertSplit, device: torch.device) -> dict:
     t_start = time.perf_counter()
-    bound_heap_growth()
     source = SourceCheckpoint(src)
     mc = source.model_config
     names = mc.names
@@ -594,6 +589,7 @@ def _stream_moe_layer(source: SourceCheckpoint, policy: LayerPolicy, writer: Che
                                           alpha[e] if writer.activation_use_clip else None))
         del w, packed, scale
         source.release()
+        release_free_heap()
     bar.close()
     writer.add_all(moe_shared_tensors(fmt, mc, layer, shared, shared_gate))
     entry: dict = {"experts": e_total}
