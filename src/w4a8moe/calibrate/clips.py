@@ -40,6 +40,7 @@ from w4a8moe.calibrate.products import Int4Operand, IntProducts
 from w4a8moe.quant import (
     INT4_MAX,
     INT8_MAX,
+    checked_channel_amax,
     clip_quant_rows,
     dequantize_per_channel,
     dynamic_quant_per_token,
@@ -222,14 +223,9 @@ def _checked_amax(weight: torch.Tensor, backend: object | None = None) -> tuple[
     if weight.dim() != 2:
         raise ValueError(f"expected a weight [N, K], got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
-    if callable(getattr(backend, "row_absmax", None)) and w.device.type == "cpu" and w.shape[1] > 0:
-        amax, finite = backend.row_absmax(w)
-    else:
-        # One pass, no [N, K] temporary: max |W| = max(-min W, max W), NaN and Inf propagating
-        # into it, so checking the N maxima checks the weight.
-        low, high = torch.aminmax(w, dim=-1)
-        amax = torch.maximum(-low, high)
-        finite = bool(torch.isfinite(amax).all())
+    if not (callable(getattr(backend, "row_absmax", None)) and w.device.type == "cpu" and w.shape[1] > 0):
+        return w, checked_channel_amax(w)
+    amax, finite = backend.row_absmax(w)
     if not finite:
         raise ValueError("weight contains NaN or Inf")
     return w, amax

@@ -259,6 +259,12 @@ class KernelLibrary:
         lib.w4a8_select_experts.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P]
         lib.w4a8_sort_rows.restype = _INT
         lib.w4a8_sort_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
+        lib.w4a8_ste_clip_quant.restype = None
+        lib.w4a8_ste_clip_quant.argtypes = [_P, _I64, _I64, _P, _P, _P, _INT]
+        lib.w4a8_ste_clip_quant_backward.restype = None
+        lib.w4a8_ste_clip_quant_backward.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_row_absmax.restype = _INT
+        lib.w4a8_row_absmax.argtypes = [_P, _I64, _I64, _P, _INT]
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
@@ -837,17 +843,6 @@ class CpuBackend:
 
     # ---- the clip search's alpha refinement (w4a8moe.calibrate.clips, the Gram form) ----
 
-    def _ste_lib(self) -> ctypes.CDLL:
-        """The library with the refinement's entry points typed (declared here, on first use,
-        beside the only methods that call them)."""
-        lib = self.kernel.lib
-        if lib.w4a8_ste_clip_quant.argtypes is None:
-            lib.w4a8_ste_clip_quant.restype = None
-            lib.w4a8_ste_clip_quant.argtypes = [_P, _I64, _I64, _P, _P, _P, _INT]
-            lib.w4a8_ste_clip_quant_backward.restype = None
-            lib.w4a8_ste_clip_quant_backward.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
-        return lib
-
     @staticmethod
     def _ste_rows(h: torch.Tensor, bound: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if h.dtype != torch.float32 or h.dim() != 2 or h.device.type != "cpu":
@@ -874,7 +869,7 @@ class CpuBackend:
         the bits of those torch ops, in one pass (into ``out`` when given)."""
         h, b, s = self._ste_rows(h, bound, step)
         q = self._ste_out(out, h)
-        self._ste_lib().w4a8_ste_clip_quant(_ptr(h), h.shape[0], h.shape[1], _ptr(b), _ptr(s), _ptr(q),
+        self.kernel.lib.w4a8_ste_clip_quant(_ptr(h), h.shape[0], h.shape[1], _ptr(b), _ptr(s), _ptr(q),
                                             self.num_threads)
         return q
 
@@ -893,7 +888,7 @@ class CpuBackend:
         terms = tuple(self._ste_out(t, h) for t in (out or (None,) * 4))
         if len(terms) != 4:
             raise ValueError(f"out must hold 4 tensors, got {len(terms)}")
-        self._ste_lib().w4a8_ste_clip_quant_backward(_ptr(h), _ptr(g), h.shape[0], h.shape[1], _ptr(b), _ptr(s),
+        self.kernel.lib.w4a8_ste_clip_quant_backward(_ptr(h), _ptr(g), h.shape[0], h.shape[1], _ptr(b), _ptr(s),
                                                      *(_ptr(t) for t in terms), self.num_threads)
         return terms
 
@@ -905,13 +900,10 @@ class CpuBackend:
         if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
             raise ValueError(f"expected an fp32 [N, K] weight on the CPU, got {weight.dtype} "
                              f"{list(weight.shape)} on {weight.device}")
-        lib = self.kernel.lib
-        if lib.w4a8_row_absmax.argtypes is None:  # typed here, beside its only caller
-            lib.w4a8_row_absmax.restype = _INT
-            lib.w4a8_row_absmax.argtypes = [_P, _I64, _I64, _P, _INT]
         weight = weight.contiguous()
         out = torch.empty(weight.shape[0], dtype=torch.float32)
-        nonfinite = lib.w4a8_row_absmax(_ptr(weight), weight.shape[0], weight.shape[1], _ptr(out), self.num_threads)
+        nonfinite = self.kernel.lib.w4a8_row_absmax(_ptr(weight), weight.shape[0], weight.shape[1], _ptr(out),
+                                                    self.num_threads)
         return out, not nonfinite
 
 

@@ -17,13 +17,22 @@ def _per_channel_symmetric(
     if weight.dim() < 2:
         raise ValueError(f"expected a weight [..., N, K], got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
-    # NaN and Inf propagate into the channel maxima: checking the N maxima checks the weight,
-    # without a pass over it.
-    amax = w.abs().amax(dim=-1)
+    scale = per_channel_scale(checked_channel_amax(w), qmax, clip)
+    return quantize_with_scale(w, scale, qmax), scale
+
+
+def checked_channel_amax(w: torch.Tensor) -> torch.Tensor:
+    """Each output channel's ``max |W|`` of fp32 ``w`` ``[..., N, K]`` (``[..., N]``); raises
+    ``ValueError`` if ``w`` holds NaN or Inf.
+
+    One pass, no ``[..., N, K]`` temporary: ``max |W| = max(-min W, max W)``, NaN and Inf
+    propagating into it, so checking the N maxima checks the weight. (An all-zero channel may
+    give -0, which :func:`per_channel_scale` maps to scale 1 like +0.)"""
+    low, high = torch.aminmax(w, dim=-1)
+    amax = torch.maximum(-low, high)
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("weight contains NaN or Inf")
-    scale = per_channel_scale(amax, qmax, clip)
-    return quantize_with_scale(w, scale, qmax), scale
+    return amax
 
 
 def per_channel_scale(amax: torch.Tensor, qmax: int, clip: torch.Tensor | float | None = None) -> torch.Tensor:
