@@ -31,6 +31,7 @@ from w4a8moe.quant import (
     int8_matmul_int32,
     pack_int4_pairs,
     scaled_int_matmul,
+    silu_and_mul,
     swiglu_clip_quant,
     swiglu_fp32,
     unpack_int4_pairs,
@@ -559,6 +560,128 @@ def test_swiglu_clip_quant_adversarial_rows(native):
         expect_q, expect_c = swiglu_clip_quant(gate_up, alpha)
         assert torch.equal(h_q, expect_q) and torch.equal(c, expect_c)
         assert bool((h_q[2::8] == 0).all()) and bool((c[2::8] == 0).all())
+
+
+# ---- a W8A8 gated MLP (shared expert, dense MLP) in one call ---------------------------------
+
+
+def _code_sensitive_silu_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (gate, up) pairs whose silu_and_mul differs, after its rounding to bf16, between
+    torch's vector and scalar silu (few: the two codes are 1 fp32 ulp apart on 122 inputs)."""
+    tables = cpu_mod.silu_tables()
+    divergent = ((tables.vector.view(torch.int32) != tables.scalar.view(torch.int32))
+                 & ~torch.isnan(tables.vector)).nonzero().reshape(-1)
+    ups = cpu_mod._all_bf16()
+    gates, chosen = [], []
+    for i in divergent.tolist():
+        a = (tables.vector[i] * ups.float()).to(torch.bfloat16)
+        b = (tables.scalar[i] * ups.float()).to(torch.bfloat16)
+        hit = (a.view(torch.int16) != b.view(torch.int16)) & torch.isfinite(a.float()) & torch.isfinite(b.float())
+        for j in hit.nonzero().reshape(-1).tolist():
+            gates.append(i)
+            chosen.append(j)
+    as_bf16 = lambda idx: torch.tensor(idx, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # noqa: E731
+    return as_bf16(gates), ups[torch.tensor(chosen, dtype=torch.int64)] if chosen else ups[:0]
+
+
+@pytest.mark.parametrize("rows,inter", [(3, 40), (901, 41), (40, 1001), (21, 2048), (33, 1), (1, 2048)])
+def test_silu_and_mul_is_bitwise_torch_including_its_scalar_code(native, rows, inter):
+    # Every element a (gate, up) pair whose bf16 result tells torch's two silu codes apart, so
+    # each element torch computes with its scalar code (the tail of each thread's chunk of the
+    # contiguous fp32 gate, once rows * I exceeds the grain size) shows whether the kernel did.
+    gates, ups = _code_sensitive_silu_pairs()
+    if gates.numel() == 0:
+        pytest.skip("torch's vector and scalar silu give the same bf16 products here")
+    g = torch.Generator().manual_seed(rows * 7 + inter)
+    pick = torch.randint(0, gates.numel(), (rows, inter), generator=g)
+    gate_up = torch.cat((gates[pick], ups[pick]), dim=1)
+    saved = torch.get_num_threads()
+    try:
+        for threads in sorted({1, 2, 3, saved}):
+            torch.set_num_threads(threads)
+            _assert_bitwise(native.silu_and_mul(gate_up), silu_and_mul(gate_up[:, :inter], gate_up[:, inter:]))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _w8a8_projections(shapes: list[tuple[int, int]], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, k in shapes:
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        out.append((w, (torch.rand(n, generator=g) + 0.05) * 0.02 / max(k, 1) ** 0.5))
+    return out
+
+
+def _gated_mlp(projections, backend):
+    from w4a8moe.moe import W8A8Linear
+    from w4a8moe.moe.layer import GatedMLP
+
+    return GatedMLP(*(W8A8Linear(w, s, backend=backend) for w, s in projections))
+
+
+@pytest.mark.parametrize("m,k,inter,n", [(1, 512, 256, 512), (9, 37, 41, 33), (0, 16, 8, 16), (33, 64, 1, 5),
+                                         (300, 96, 130, 40), (2, 7168, 2048, 7168)])
+def test_gated_mlp_in_one_call_is_the_three_linears(backend, m, k, inter, n):
+    # The one call against the definition (w8a8_linear, silu_and_mul, w8a8_linear: torch, no
+    # backend) and the reference backend's modules, bitwise, on adversarial rows.
+    if backend.isa != "avx512-vnni" and k * n > 10**6:
+        pytest.skip("DeepSeek-V3 shapes only on the native ISA (time)")
+    gate, up, down = _w8a8_projections([(inter, k), (inter, k), (n, inter)], seed=m + k + inter)
+    x = adversarial_rows(m, k, seed=m + n).to(torch.bfloat16) if m else torch.zeros(0, k, dtype=torch.bfloat16)
+    x[5::8] = torch.randn(x[5::8].shape).to(torch.bfloat16)  # the 1e30 rows: tested below
+    mlp = _gated_mlp([gate, up, down], backend)
+    assert mlp.gate_up_proj is not None
+    x_q, x_scale = backend.quantize_per_token(x)
+    one_call = backend.gated_mlp_int8(mlp.gate_up_proj.prepared, mlp.down_proj.prepared, x_q, x_scale)
+    assert one_call is not None and one_call.shape == (m, n) and one_call.dtype == torch.bfloat16
+    expect = w8a8_linear(silu_and_mul(w8a8_linear(x, *gate), w8a8_linear(x, *up)), *down)
+    _assert_bitwise(one_call, expect)
+    _assert_bitwise(mlp(x), expect)
+    _assert_bitwise(mlp(x, (x_q, x_scale)), expect)
+    _assert_bitwise(_gated_mlp([gate, up, down], "reference")(x), expect)
+
+
+def test_gated_mlp_in_one_call_against_numpy_spec(native):
+    # Independent: numpy's exp is not torch's, so silu may differ in its last fp32 bit; after the
+    # rounding to bf16 that rarely moves h at all, and a moved h moves at most a code or a row
+    # scale of the down projection's input: at most 1 % of the outputs may differ.
+    gate, up, down = _w8a8_projections([(96, 160), (96, 160), (130, 96)], seed=5)
+    x = adversarial_rows(24, 160, seed=6)
+    x[5::8] = torch.randn(x[5::8].shape)
+    x = x.to(torch.bfloat16)
+    got = _gated_mlp([gate, up, down], native)(x).float().numpy()
+    expect = ref.w8a8_mlp(x.float().numpy(), *((w.numpy(), s.numpy()) for w, s in (gate, up, down)))
+    assert got.shape == expect.shape
+    assert int((got != expect).sum()) <= 0.01 * got.size
+    assert np.allclose(got, expect, rtol=0.05, atol=float(np.abs(expect).max()) * 0.02)
+
+
+def test_gated_mlp_hands_non_finite_activations_to_torch(native):
+    # Rows of 1e30 overflow silu(g) * u to inf: the kernel reports it and the module runs the
+    # three Linears, whose torch quantization of inf is the definition.
+    gate, up, down = _w8a8_projections([(48, 64), (48, 64), (32, 48)], seed=8)
+    x = torch.randn(4, 64)
+    x[2] = 1e30
+    x = x.to(torch.bfloat16)
+    gate[1].fill_(1e30)
+    up[1].fill_(1e30)
+    mlp = _gated_mlp([gate, up, down], native)
+    x_q, x_scale = native.quantize_per_token(x)
+    assert native.gated_mlp_int8(mlp.gate_up_proj.prepared, mlp.down_proj.prepared, x_q, x_scale) is None
+    expect = w8a8_linear(silu_and_mul(w8a8_linear(x, *gate), w8a8_linear(x, *up)), *down)
+    _assert_bitwise(mlp(x), expect)
+
+
+def test_gated_mlp_in_one_call_rejects_mismatched_projections(native):
+    gate, up, down = _w8a8_projections([(48, 64), (48, 64), (32, 40)], seed=9)
+    prepare = lambda p: native.prepare_int8_linear(*p)  # noqa: E731
+    gate_up = native.prepare_int8_linear(torch.cat((gate[0], up[0])), torch.cat((gate[1], up[1])))
+    x_q, x_scale = native.quantize_per_token(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="down"):
+        native.gated_mlp_int8(gate_up, prepare(down), x_q, x_scale)
+    with pytest.raises(ValueError, match="x_q"):
+        native.gated_mlp_int8(gate_up, prepare(_w8a8_projections([(32, 48)], 1)[0]), x_q[:, :60], x_scale)
 
 
 # ---- the clip search's products: int_matmul and the fused int4 weight operand ----------------

@@ -45,7 +45,7 @@ from w4a8moe.quant import INT4_MAX, dynamic_quant_per_token, int8_matmul_int32, 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 ISA_FLAGS: dict[str, list[str]] = {
     # Everything the compiling CPU has: AVX-512 VNNI where present.
@@ -268,6 +268,11 @@ class KernelLibrary:
         lib.w4a8_moe_forward.restype = _INT
         lib.w4a8_moe_forward.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_gated_mlp_int8.restype = _INT
+        lib.w4a8_gated_mlp_int8.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _I64,
+                                            _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_silu_and_mul.restype = _INT
+        lib.w4a8_silu_and_mul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, _INT]
         lib.w4a8_scaled_sq_err.restype = None
         lib.w4a8_scaled_sq_err.argtypes = [_P, _I64, _I64, _P, _P, _P, _INT, _P, _INT]
         lib.w4a8_quant_int4_layout.restype = _INT
@@ -744,9 +749,35 @@ class CpuBackend:
         self.kernel.check(status)
         return h, h_q, c
 
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The activation step of :meth:`gated_mlp_int8` alone (a test entry): bf16 ``[R, I]``
+        from bf16 ``gate_up`` ``[R, 2I]``, to be compared with
+        :func:`w4a8moe.quant.silu_and_mul` of its two halves."""
+        if gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+            raise ValueError(f"gate_up must be bf16 [R, 2I], got {gate_up.dtype} {list(gate_up.shape)}")
+        gate_up = gate_up.contiguous()
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty((rows, inter), dtype=torch.bfloat16)
+        threads = self.num_threads
+        h = torch.empty(max(threads * inter, 1), dtype=torch.float32)
+        tables = silu_tables()
+        self.kernel.check(self.kernel.lib.w4a8_silu_and_mul(
+            _ptr(gate_up), rows, inter, _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block,
+            torch.get_num_threads(), TORCH_GRAIN_SIZE, _ptr(h), _ptr(out), threads))
+        return out
+
+    def _scratch_buffers(self, need: dict[str, tuple[int, torch.dtype]]) -> dict[str, torch.Tensor]:
+        """Scratch tensors of at least ``need[name] = (elements, dtype)``: kept per calling thread
+        and only grown, so that steady-state calls allocate nothing large."""
+        cache: dict[str, torch.Tensor] = getattr(self._scratch, "buffers", {})
+        for name, (size, dtype) in need.items():
+            if name not in cache or cache[name].numel() < size or cache[name].dtype != dtype:
+                cache[name] = torch.empty(max(size, 1), dtype=dtype)
+        self._scratch.buffers = cache
+        return cache
+
     def _buffers(self, rows: int, tokens: int, hidden: int, inter: int, threads: int,
                  combine: bool) -> dict[str, torch.Tensor]:
-        # Scratch is kept per thread and only grows, so steady-state calls allocate nothing large.
         need = {
             "xg": (rows * _round_up(hidden, 4), torch.int8),
             "gu": (rows * 2 * inter, torch.int16),
@@ -760,12 +791,52 @@ class CpuBackend:
         if combine:  # the bf16 rows, and each token's rows, stay in scratch
             need.update(rows=(rows * hidden, torch.int16), token_rows=(rows, torch.int64),
                         token_start=(tokens + 1, torch.int64))
-        cache: dict[str, torch.Tensor] = getattr(self._scratch, "buffers", {})
-        for name, (size, dtype) in need.items():
-            if name not in cache or cache[name].numel() < size:
-                cache[name] = torch.empty(max(size, 1), dtype=dtype)
-        self._scratch.buffers = cache
-        return cache
+        return self._scratch_buffers(need)
+
+    def gated_mlp_int8(self, gate_up: CpuInt8Linear, down: CpuInt8Linear, x_q: torch.Tensor,
+                       x_scale: torch.Tensor) -> torch.Tensor | None:
+        """``down(silu_and_mul(gate, up))`` of W8A8 Linears in one kernel call: bf16 ``[M, N]``,
+        the bits of the three :meth:`int8_linear` calls with
+        :func:`w4a8moe.quant.silu_and_mul` and :meth:`quantize_per_token` between them.
+
+        ``gate_up`` stacks the gate rows, then the up rows (``[2I, K]``); ``down`` is ``[N, I]``;
+        ``x_q`` int8 ``[M, K]``, ``x_scale`` fp32 ``[M, 1]``. Returns ``None`` where the torch
+        code must run instead: a row of ``silu_and_mul`` that is not finite (whose quantization
+        this kernel does not reproduce), or a K where int32 could overflow.
+        """
+        k, inter, n = gate_up.in_features, gate_up.out_features // 2, down.out_features
+        if gate_up.out_features % 2 or down.in_features != inter:
+            raise ValueError(f"gate_up must be [2I, K] and down [N, I]: got gate_up "
+                             f"[{gate_up.out_features}, {k}] and down [{n}, {down.in_features}]")
+        if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != k:
+            raise ValueError(f"x_q must be int8 [M, {k}], got {x_q.dtype} {list(x_q.shape)}")
+        m = x_q.shape[0]
+        if x_scale.numel() != m:
+            raise ValueError(f"x_scale must have {m} values, got {x_scale.numel()}")
+        if max(k, inter) * 128 * 128 >= 2**31:
+            return None
+        out = torch.empty((m, n), dtype=torch.bfloat16)
+        if m == 0:
+            return out
+        threads = self.num_threads
+        buf = self._scratch_buffers({
+            "mlp_xp": (m * _round_up(k, 4), torch.int8), "mlp_xsum": (m, torch.int32),
+            "mlp_gu": (m * 2 * inter, torch.int16), "mlp_hq": (m * _round_up(inter, 4), torch.int8),
+            "mlp_hs": (m, torch.float32), "mlp_hsum": (m, torch.int32),
+            "mlp_h": (threads * inter, torch.float32), "mlp_hb": (threads * inter, torch.int16),
+        })
+        x_q = x_q.contiguous()
+        xs = x_scale.to(torch.float32).reshape(-1).contiguous()
+        tables = silu_tables()
+        status = self.kernel.lib.w4a8_gated_mlp_int8(
+            _ptr(gate_up.layout), _ptr(gate_up.scale), _ptr(down.layout), _ptr(down.scale), k, inter, n, _ptr(x_q),
+            _ptr(xs), m, _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(),
+            TORCH_GRAIN_SIZE, _ptr(buf["mlp_xp"]), _ptr(buf["mlp_xsum"]), _ptr(buf["mlp_gu"]), _ptr(buf["mlp_hq"]),
+            _ptr(buf["mlp_hs"]), _ptr(buf["mlp_hsum"]), _ptr(buf["mlp_h"]), _ptr(buf["mlp_hb"]), _ptr(out), threads)
+        if status == 1:
+            return None
+        self.kernel.check(status)
+        return out
 
     def grouped_forward(
         self,

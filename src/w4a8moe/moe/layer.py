@@ -98,12 +98,30 @@ class GatedMLP(nn.Module):
             return [name]
         return [f"{parent}.{p}" if parent else p for p in cls.STACKED]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``quantized``: :func:`~w4a8moe.quant.dynamic_quant_per_token` of ``x``'s rows, where
+        the caller has it already (a MoE block's routed experts quantize the same input)."""
         if self.gate_up_proj is not None:
+            fused = self._one_call(x, quantized)
+            if fused is not None:
+                return fused
             gate_up = self.gate_up_proj(x)
             inter = self.intermediate_size
             return self.down_proj(silu_and_mul(gate_up[..., :inter], gate_up[..., inter:]))
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+    def _one_call(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        # The whole MLP as one backend call where the backend has one (the native CPU kernel):
+        # at decode the gaps between three GEMMs and the torch ops of the activation cost a
+        # third of the time of the weights' reads. The same bits; None: run the modules.
+        backend = self.gate_up_proj.backend
+        run = getattr(backend, "gated_mlp_int8", None)
+        if run is None or type(self.down_proj) is not W8A8Linear or type(self.down_proj.backend) is not type(backend):
+            return None
+        lead = x.shape[:-1]
+        x_q, x_scale = quantized if quantized is not None else backend.quantize_per_token(x.reshape(-1, x.shape[-1]))
+        out = run(self.gate_up_proj.prepared, self.down_proj.prepared, x_q, x_scale)
+        return None if out is None else out.reshape(*lead, self.down_proj.out_features)
 
 
 class SharedExpert(GatedMLP):
@@ -121,8 +139,8 @@ class SharedExpert(GatedMLP):
         else:
             self.expert_gate = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+    def forward(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        out = super().forward(x, quantized)
         if self.expert_gate is not None:
             out = torch.sigmoid(F.linear(x, self.expert_gate.to(x.dtype))) * out
         return out
@@ -130,10 +148,12 @@ class SharedExpert(GatedMLP):
 
 def shared_expert_from_quantized(shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None,
                                  gate_weight: torch.Tensor | None = None,
-                                 device: torch.device | None = None) -> SharedExpert | None:
+                                 device: torch.device | None = None,
+                                 backend: str | ExpertBackend | None = None) -> SharedExpert | None:
     """The shared expert of a :class:`QuantizedMoELayer` (``shared[p]`` is ``(weight, scale)``:
     W8A8, or a bf16 Linear where ``scale`` is ``None``) as a module on ``device`` (default: where
-    the tensors are); ``None`` without one."""
+    the tensors are), its W8A8 projections on ``backend`` (see :class:`W8A8Linear`); ``None``
+    without one."""
     if shared is None:
         return None
 
@@ -150,7 +170,7 @@ def shared_expert_from_quantized(shared: dict[str, tuple[torch.Tensor, torch.Ten
             linear.requires_grad_(False)
             projections.append(linear)
         else:
-            projections.append(W8A8Linear(place(weight), place(scale)))
+            projections.append(W8A8Linear(place(weight), place(scale), backend=backend))
     return SharedExpert(*projections, gate_weight=place(gate_weight))
 
 
@@ -208,7 +228,7 @@ class W4A8MoE(nn.Module):
             w2_scale=place(layer.scale["down"]),
             alpha=place(layer.alpha),
         )
-        shared = shared_expert_from_quantized(layer.shared, layer.shared_expert_gate, device)
+        shared = shared_expert_from_quantized(layer.shared, layer.shared_expert_gate, device, backend)
         return cls(place(layer.router_weight), routing, experts, place(layer.correction_bias), shared, apply_alpha,
                    backend, keep_packed)
 
@@ -240,13 +260,15 @@ class W4A8MoE(nn.Module):
         """Router logits in fp32, then expert choice: ``(weights fp32 [M, k], ids int64 [M, k])``."""
         return route(x, self.router_weight, self.routing, self.correction_bias, self.backend)
 
-    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor."""
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                       quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``sum_k w_k * expert_k(x)`` in fp32 ``[M, H]``, without the scaling factor
+        (``quantized``: ``x``'s per-token quantization, where the caller has it)."""
         if ids.shape[0] == 0:
             return torch.zeros((0, x.shape[-1]), dtype=torch.float32, device=x.device)
         rows = sort_rows_by_expert(ids, self.routing.num_experts, weights, self.backend)
         alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
-        x_q, x_scale = self.backend.quantize_per_token(x)
+        x_q, x_scale = quantized if quantized is not None else self.backend.quantize_per_token(x)
         return self.backend.combined_forward(self._prepared, x_q, x_scale, rows.token_ids, rows.offsets, alpha,
                                              rows.row_weights)
 
@@ -254,9 +276,13 @@ class W4A8MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         weights, ids = self.route(x2)
+        # One quantization of the input for the routed experts and a W8A8 shared expert.
+        quantized = self.backend.quantize_per_token(x2)
         # In place on the fp32 sum (the same bits as out-of-place): no more [M, H] temporaries.
-        out = self.routed_experts(x2, weights, ids).mul_(self.routing.routed_scaling_factor)
-        if self.shared is not None:
+        out = self.routed_experts(x2, weights, ids, quantized).mul_(self.routing.routed_scaling_factor)
+        if isinstance(self.shared, GatedMLP):
+            out.add_(self.shared(x2, quantized).to(torch.float32))
+        elif self.shared is not None:
             out.add_(self.shared(x2).to(torch.float32))
         return out.to(torch.bfloat16).reshape(shape)
 

@@ -40,6 +40,11 @@ class W8A8Linear(nn.Module):
         self.backend = chosen
         self._prepared_device = self.weight.device
 
+    @property
+    def prepared(self) -> object:
+        """The weight as the backend multiplies it (its ``prepare_int8_linear``)."""
+        return self._prepared
+
     def _apply(self, fn, recurse=True):
         # ``module.to(device)`` moves the buffers; the backend's copy is remade for the new device.
         out = super()._apply(fn, recurse)

@@ -63,7 +63,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 5
+#define W4A8_ABI_VERSION 6
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -605,11 +605,14 @@ int w4a8_gemm(const uint8_t *wl, int64_t n, int64_t k, const int8_t *x, int64_t 
 /* Columns of row `row` (of `rows` rows, width `inter`) that torch's silu computes with its
  * scalar code rather than its vector code: TensorIterator splits the flattened [rows, inter]
  * range over threads (chunks of ceil(numel / nth) when numel >= grain), and inside each
- * row segment the vector loop covers whole groups of `vec_block` elements, the rest being
- * scalar. Recomputes h at each such column with the scalar table. */
+ * contiguous run of a chunk the vector loop covers whole groups of `vec_block` elements, the
+ * rest being scalar. A run is a row segment when torch's input is a column slice of wider
+ * rows (`coalesced` 0: the routed experts' swiglu), the whole chunk when its input is one
+ * contiguous block (`coalesced` 1: silu_and_mul's fp32 copy of the gate). Recomputes h at
+ * each such column with the scalar table. */
 static void patch_scalar_silu(float *h, const uint16_t *g, const uint16_t *u, int64_t row, int64_t rows,
                               int64_t inter, const float *silu_scalar, int64_t vec_block, int64_t torch_threads,
-                              int64_t grain) {
+                              int64_t grain, int coalesced) {
     const int64_t numel = rows * inter;
     int64_t chunk = numel;
     if (numel >= grain && torch_threads > 1) {
@@ -621,10 +624,12 @@ static void patch_scalar_silu(float *h, const uint16_t *g, const uint16_t *u, in
     const int64_t row_start = row * inter, row_end = row_start + inter;
     int64_t seg = row_start;
     while (seg < row_end) {
-        const int64_t next_split = (seg / chunk + 1) * chunk;
+        const int64_t chunk_start = seg / chunk * chunk, next_split = chunk_start + chunk;
         const int64_t seg_end = next_split < row_end ? next_split : row_end;
-        const int64_t len = seg_end - seg;
-        for (int64_t p = seg + len / vec_block * vec_block; p < seg_end; p++) {
+        const int64_t run_start = coalesced ? chunk_start : seg;
+        const int64_t run_end = coalesced ? (next_split < numel ? next_split : numel) : seg_end;
+        const int64_t tail = run_end - (run_end - run_start) % vec_block;
+        for (int64_t p = tail > seg ? tail : seg; p < seg_end; p++) {
             const int64_t j = p - row_start;
             h[j] = silu_scalar[g[j]] * bf16_to_f32(u[j]);
         }
@@ -632,24 +637,36 @@ static void patch_scalar_silu(float *h, const uint16_t *g, const uint16_t *u, in
     }
 }
 
-/* SwiGLU-clip-quant of one row: bf16 gate|up [2*inter] -> int8 [inter_padded], scale, sum. */
-static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t inter_padded, float alpha,
-                                  const float *silu_vec, const float *silu_scalar, int64_t vec_block,
-                                  int64_t row, int64_t rows, int64_t torch_threads, int64_t grain, float *h,
-                                  int8_t *hq, float *hscale, int32_t *hsum) {
-    const uint16_t *g = gu, *u = gu + inter;
+/* torch's silu, from its per-value tables, and where its code runs scalar (patch_scalar_silu). */
+typedef struct {
+    const float *vec, *scalar;
+    int64_t vec_block, torch_threads, grain;
+} silu_code;
+
+/* h = silu(g) * u in fp32 for row `row` of `rows` (each of width `inter`). */
+static void silu_mul_row(const uint16_t *g, const uint16_t *u, int64_t inter, const silu_code *silu, int64_t row,
+                         int64_t rows, int coalesced, float *h) {
     int64_t j = 0;
 #if W4A8_ISA == 3
     for (; j + 16 <= inter; j += 16) {
         const __m512i gi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + j)));
         const __m512 uf = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(u + j))), 16));
-        _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_i32gather_ps(gi, silu_vec, 4), uf));
+        _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_i32gather_ps(gi, silu->vec, 4), uf));
     }
 #endif
-    for (; j < inter; j++) h[j] = silu_vec[g[j]] * bf16_to_f32(u[j]);
-    if (vec_block > 0) patch_scalar_silu(h, g, u, row, rows, inter, silu_scalar, vec_block, torch_threads, grain);
+    for (; j < inter; j++) h[j] = silu->vec[g[j]] * bf16_to_f32(u[j]);
+    if (silu->vec_block > 0)
+        patch_scalar_silu(h, g, u, row, rows, inter, silu->scalar, silu->vec_block, silu->torch_threads,
+                          silu->grain, coalesced);
+}
 
+/* SwiGLU-clip-quant of one row: bf16 gate|up [2*inter] -> int8 [inter_padded], scale, sum. */
+static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t inter_padded, float alpha,
+                                  const silu_code *silu, int64_t row, int64_t rows, float *h, int8_t *hq,
+                                  float *hscale, int32_t *hsum) {
+    silu_mul_row(gu, gu + inter, inter, silu, row, rows, 0, h);
+    int64_t j;
     float amax = 0.0f;
     j = 0;
 #if W4A8_ISA == 3
@@ -711,8 +728,7 @@ typedef struct {
     const uint16_t *gu;
     int64_t rows, inter;
     float alpha;
-    const float *silu_vec, *silu_scalar;
-    int64_t vec_block, torch_threads, grain;
+    silu_code silu;
     float *h;
     int8_t *hq;
     float *hscale;
@@ -723,9 +739,8 @@ static void swiglu_rows(const pool_job *job, int phase, int64_t begin, int64_t e
     const swiglu_args *a = (const swiglu_args *)job->args;
     for (int64_t r = begin; r < end; r++) {
         int32_t sum;
-        swiglu_clip_quant_row(a->gu + r * 2 * a->inter, a->inter, a->inter, a->alpha, a->silu_vec, a->silu_scalar,
-                              a->vec_block, r, a->rows, a->torch_threads, a->grain, a->h + r * a->inter,
-                              a->hq + r * a->inter, a->hscale + r, &sum);
+        swiglu_clip_quant_row(a->gu + r * 2 * a->inter, a->inter, a->inter, a->alpha, &a->silu, r, a->rows,
+                              a->h + r * a->inter, a->hq + r * a->inter, a->hscale + r, &sum);
     }
 }
 
@@ -736,7 +751,7 @@ static void swiglu_rows(const pool_job *job, int phase, int64_t begin, int64_t e
 int w4a8_swiglu_clip_quant(const uint16_t *gu, int64_t rows, int64_t inter, float alpha, const float *silu_vec,
                            const float *silu_scalar, int64_t vec_block, int64_t torch_threads, int64_t grain,
                            float *h_out, int8_t *hq, float *hscale, int nthreads) {
-    swiglu_args args = {gu, rows, inter, alpha, silu_vec, silu_scalar, vec_block, torch_threads, grain,
+    swiglu_args args = {gu, rows, inter, alpha, {silu_vec, silu_scalar, vec_block, torch_threads, grain},
                         h_out, hq, hscale};
     pool_job job = {.nphases = 1, .run = swiglu_rows, .args = &args};
     job.total[0] = rows;
@@ -752,8 +767,8 @@ typedef struct {
     const int8_t *x_q;
     const float *x_scale;
     const int64_t *token_ids, *offsets, *active;
-    const float *alpha, *silu_vec, *silu_scalar;
-    int64_t vec_block, torch_threads, grain;
+    const float *alpha;
+    silu_code silu;
     int8_t *xg, *hq;
     uint16_t *gu, *out;
     float *hbuf, *xs, *hs;
@@ -812,9 +827,9 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
                 const int64_t mid = (lo + hi) / 2;
                 if (a->offsets[mid] <= r) lo = mid; else hi = mid;
             }
-            swiglu_clip_quant_row(a->gu + r * a->n1, a->inter, a->ip, a->alpha[lo], a->silu_vec, a->silu_scalar,
-                                  a->vec_block, r - a->offsets[lo], a->offsets[lo + 1] - a->offsets[lo],
-                                  a->torch_threads, a->grain, h, a->hq + r * a->ip, a->hs + r, a->hsum + r);
+            swiglu_clip_quant_row(a->gu + r * a->n1, a->inter, a->ip, a->alpha[lo], &a->silu, r - a->offsets[lo],
+                                  a->offsets[lo + 1] - a->offsets[lo], h, a->hq + r * a->ip, a->hs + r,
+                                  a->hsum + r);
         }
     } else if (phase == PHASE_GMM2) {
         for (int64_t it = begin; it < end; it++) {
@@ -891,8 +906,8 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     a.nb1 = round_up(a.n1, NBLOCK) / NBLOCK; a.nb2 = round_up(hidden, NBLOCK) / NBLOCK;
     a.w13_stride = a.nb1 * a.kq1 * LINE; a.w2_stride = a.nb2 * a.kq2 * LINE;
     a.x_q = x_q; a.x_scale = x_scale; a.token_ids = token_ids; a.offsets = offsets; a.active = active;
-    a.alpha = alpha; a.silu_vec = silu_vec; a.silu_scalar = silu_scalar;
-    a.vec_block = vec_block; a.torch_threads = torch_threads; a.grain = grain;
+    a.alpha = alpha;
+    a.silu = (silu_code){silu_vec, silu_scalar, vec_block, torch_threads, grain};
     a.xg = xg; a.hq = hq; a.gu = gu; a.out = out; a.hbuf = hbuf; a.xs = xs; a.hs = hs; a.xsum = xsum; a.hsum = hsum;
     a.row_weights = row_weights; a.token_rows = token_rows; a.token_start = token_start; a.out_f32 = out_f32;
 
@@ -935,64 +950,67 @@ static inline float load_x(const void *x, int is_bf16, int64_t i) {
     return is_bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
+/* One row of k values (bf16 or fp32) into q [k] and *scale; returns 1 (writing nothing) when
+ * the row's max |x| is not finite. */
+static int quant_row(const void *row, int is_bf16, int64_t k, int8_t *q, float *scale_out) {
+    /* |x| orders like its bit pattern without the sign; inf and NaN sit above every finite. */
+    uint32_t max_bits = 0;
+    for (int64_t j = 0; j < k; j++) {
+        const float v = load_x(row, is_bf16, j);
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        b &= 0x7FFFFFFFu;
+        max_bits = b > max_bits ? b : max_bits;
+    }
+    if (max_bits >= 0x7F800000u) return 1;
+    float amax;
+    memcpy(&amax, &max_bits, 4);
+    const float scale = amax / 127.0f;
+    const float safe = scale > 0.0f ? scale : 1.0f;
+    *scale_out = scale;
+    int64_t j = 0;
+#if W4A8_ISA == 3
+    const __m512 vs = _mm512_set1_ps(safe);
+    const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    for (; j + 16 <= k; j += 16) {
+        __m512 v = is_bf16
+            ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                  _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + j))), 16))
+            : _mm512_loadu_ps((const float *)row + j);
+        v = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+#elif W4A8_ISA >= 1
+    const __m256 vs = _mm256_set1_ps(safe);
+    const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    for (; j + 8 <= k; j += 8) {
+        __m256 v = is_bf16
+            ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                  _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j))), 16))
+            : _mm256_loadu_ps((const float *)row + j);
+        v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        const __m256i i32 = _mm256_cvtps_epi32(v);
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(q + j), _mm_packs_epi16(i16, i16));
+    }
+#endif
+    for (; j < k; j++) {
+        float v = rintf(load_x(row, is_bf16, j) / safe);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[j] = (int8_t)v;
+    }
+    return 0;
+}
+
 static void quant_rows_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
     (void)phase; (void)participant;
     quant_args *a = (quant_args *)job->args;
     for (int64_t r = begin; r < end; r++) {
         const void *row = a->is_bf16 ? (const void *)((const uint16_t *)a->x + r * a->ldx)
                                      : (const void *)((const float *)a->x + r * a->ldx);
-        /* |x| orders like its bit pattern without the sign; inf and NaN sit above every finite. */
-        uint32_t max_bits = 0;
-        for (int64_t j = 0; j < a->k; j++) {
-            const float v = load_x(row, a->is_bf16, j);
-            uint32_t b;
-            memcpy(&b, &v, 4);
-            b &= 0x7FFFFFFFu;
-            max_bits = b > max_bits ? b : max_bits;
-        }
-        if (max_bits >= 0x7F800000u) {
-            atomic_store(&a->nonfinite, 1);
-            continue;
-        }
-        float amax;
-        memcpy(&amax, &max_bits, 4);
-        const float scale = amax / 127.0f;
-        const float safe = scale > 0.0f ? scale : 1.0f;
-        a->scale[r] = scale;
-        int8_t *q = a->q + r * a->k;
-        int64_t j = 0;
-#if W4A8_ISA == 3
-        const __m512 vs = _mm512_set1_ps(safe);
-        const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
-        for (; j + 16 <= a->k; j += 16) {
-            __m512 v = a->is_bf16
-                ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + j))), 16))
-                : _mm512_loadu_ps((const float *)row + j);
-            v = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-            _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
-        }
-#elif W4A8_ISA >= 1
-        const __m256 vs = _mm256_set1_ps(safe);
-        const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
-        for (; j + 8 <= a->k; j += 8) {
-            __m256 v = a->is_bf16
-                ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j))), 16))
-                : _mm256_loadu_ps((const float *)row + j);
-            v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-            const __m256i i32 = _mm256_cvtps_epi32(v);
-            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-            _mm_storel_epi64((__m128i *)(q + j), _mm_packs_epi16(i16, i16));
-        }
-#endif
-        for (; j < a->k; j++) {
-            float v = rintf(load_x(row, a->is_bf16, j) / safe);
-            v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-            q[j] = (int8_t)v;
-        }
+        if (quant_row(row, a->is_bf16, a->k, a->q + r * a->k, a->scale + r)) atomic_store(&a->nonfinite, 1);
     }
 }
 
@@ -1006,6 +1024,149 @@ int w4a8_quant_rows(const void *x, int64_t m, int64_t k, int64_t ldx, int is_bf1
     job.chunk[0] = chunk_for(m, nthreads, 4);
     if (m > 0) pool_submit(&job, (m * k < (1 << 16)) ? 1 : nthreads); /* small calls: no wake-up */
     return atomic_load(&args.nonfinite);
+}
+
+/* ---- a W8A8 gated MLP (a shared expert, a dense MLP) in one call --------------------- */
+
+/* silu_and_mul of row `row` of `rows`: hb = bf16_rne(silu(g) * u in fp32), h fp32 scratch. torch
+ * computes silu on the gate's contiguous fp32 copy, hence `coalesced` runs of its scalar code. */
+static void silu_and_mul_row(const uint16_t *g, const uint16_t *u, int64_t inter, const silu_code *silu,
+                             int64_t row, int64_t rows, float *h, uint16_t *hb) {
+    silu_mul_row(g, u, inter, silu, row, rows, 1, h);
+    int64_t j = 0;
+#if W4A8_ISA == 3
+    for (; j + 16 <= inter; j += 16) _mm256_storeu_si256((__m256i *)(hb + j), bf16_rne_512(_mm512_loadu_ps(h + j)));
+#endif
+    for (; j < inter; j++) hb[j] = f32_to_bf16(h[j]);
+}
+
+typedef struct {
+    const uint8_t *w13, *w2;
+    const float *w13_scale, *w2_scale;
+    int64_t m, k, inter, n2, kq1, kq2, nb1, nb2, ip;
+    const int8_t *x_q;
+    const float *x_scale;
+    silu_code silu;
+    int8_t *xp, *hq;
+    int32_t *xsum, *hsum;
+    uint16_t *gu, *hb, *out;
+    float *hbuf, *hs;
+    _Atomic int nonfinite;
+} gated_args;
+
+enum { GATED_PAD, GATED_GMM1, GATED_ACT, GATED_GMM2 };
+
+#if W4A8_ISA != 0
+static void gated_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    gated_args *a = (gated_args *)job->args;
+    if (phase == GATED_PAD) {
+        for (int64_t r = begin; r < end; r++)
+            a->xsum[r] = copy_row_padded(a->x_q + r * a->k, a->k, a->xp + r * 4 * a->kq1, 4 * a->kq1);
+    } else if (phase == GATED_GMM1 || phase == GATED_GMM2) {
+        const int first = phase == GATED_GMM1;
+        const int64_t kq = first ? a->kq1 : a->kq2, n = first ? 2 * a->inter : a->n2;
+        for (int64_t b = begin; b < end; b++) {
+            block_job bj = {(first ? a->w13 : a->w2) + b * kq * 2 * LINE, kq, first ? a->xp : a->hq, 4 * kq,
+                            first ? a->xsum : a->hsum, first ? a->x_scale : a->hs,
+                            (first ? a->w13_scale : a->w2_scale) + b * NBLOCK,
+                            (n - b * NBLOCK) < NBLOCK ? (n - b * NBLOCK) : NBLOCK, NULL,
+                            (first ? a->gu : a->out) + b * NBLOCK, n, 1};
+            run_block_job(&bj, a->m);
+        }
+    } else {
+        /* silu_and_mul (fp32, one rounding to bf16), then the per-token quantization of the
+         * bf16 values, as torch computes it on the bf16 tensor silu_and_mul returns. */
+        float *h = a->hbuf + (int64_t)participant * a->inter;
+        uint16_t *hb = a->hb + (int64_t)participant * a->inter;
+        for (int64_t r = begin; r < end; r++) {
+            const uint16_t *g = a->gu + r * 2 * a->inter;
+            silu_and_mul_row(g, g + a->inter, a->inter, &a->silu, r, a->m, h, hb);
+            int64_t j;
+            int8_t *q = a->hq + r * a->ip;
+            if (quant_row(hb, 1, a->inter, q, a->hs + r)) {
+                atomic_store(&a->nonfinite, 1);
+                memset(q, 0, (size_t)a->ip);
+                a->hs[r] = 0.0f;
+            }
+            int32_t sum = 0;
+            for (j = 0; j < a->inter; j++) sum += q[j];
+            for (; j < a->ip; j++) q[j] = 0;
+            a->hsum[r] = sum;
+        }
+    }
+}
+#endif
+
+/*
+ * out [m, n2] bf16 = down(silu_and_mul(gate_up(x))) for x_q int8 [m, k] with x_scale fp32 [m],
+ * each projection a W8A8 Linear in the int8 layout (w4a8_relayout_int8) with its scales
+ * padded to a multiple of 32: w13 is the stacked gate|up [2 * inter, k], w2 [n2, inter]. The
+ * bits of the torch code it replaces: the scaled GEMM (as w4a8_gemm), h = bf16_rne(silu(g) *
+ * u in fp32) (silu_and_mul: torch's silu from the tables, its scalar code where its
+ * TensorIterator runs scalar over the contiguous fp32 gate), the per-token quantization of
+ * that bf16 h (w4a8_quant_rows), the scaled GEMM. Scratch: xp [m, 4 * kq1] int8, xsum [m],
+ * gu [m, 2 * inter] bf16, hq [m, ip] int8 (ip = inter rounded up to 4), hs [m], hsum [m],
+ * hbuf [nthreads, inter] fp32, hb [nthreads, inter] bf16.
+ * Returns 1 when a row of h is not finite: out is then not valid and the caller runs torch.
+ */
+int w4a8_gated_mlp_int8(const uint8_t *w13, const float *w13_scale, const uint8_t *w2, const float *w2_scale,
+                        int64_t k, int64_t inter, int64_t n2, const int8_t *x_q, const float *x_scale, int64_t m,
+                        const float *silu_vec, const float *silu_scalar, int64_t vec_block, int64_t torch_threads,
+                        int64_t grain, int8_t *xp, int32_t *xsum, uint16_t *gu, int8_t *hq, float *hs,
+                        int32_t *hsum, float *hbuf, uint16_t *hb, uint16_t *out, int nthreads) {
+#if W4A8_ISA == 0
+    (void)w13; (void)w13_scale; (void)w2; (void)w2_scale; (void)k; (void)inter; (void)n2; (void)x_q;
+    (void)x_scale; (void)m; (void)silu_vec; (void)silu_scalar; (void)vec_block; (void)torch_threads; (void)grain;
+    (void)xp; (void)xsum; (void)gu; (void)hq; (void)hs; (void)hsum; (void)hbuf; (void)hb; (void)out;
+    (void)nthreads;
+    return W4A8_ERR_NO_SIMD;
+#else
+    if (m == 0) return W4A8_OK;
+    gated_args a = {w13, w2, w13_scale, w2_scale, m, k, inter, n2, round_up(k, 4) / 4, round_up(inter, 4) / 4,
+                    round_up(2 * inter, NBLOCK) / NBLOCK, round_up(n2, NBLOCK) / NBLOCK, round_up(inter, 4),
+                    x_q, x_scale, {silu_vec, silu_scalar, vec_block, torch_threads, grain},
+                    xp, hq, xsum, hsum, gu, hb, out, hbuf, hs, 0};
+    pool_job job = {.nphases = 4, .run = gated_phase, .args = &a};
+    job.total[GATED_PAD] = m;
+    job.chunk[GATED_PAD] = chunk_for(m, nthreads, 2);
+    job.total[GATED_GMM1] = a.nb1;
+    job.chunk[GATED_GMM1] = chunk_for(a.nb1, nthreads, 8);
+    job.total[GATED_ACT] = m;
+    job.chunk[GATED_ACT] = chunk_for(m, nthreads, 4);
+    job.total[GATED_GMM2] = a.nb2;
+    job.chunk[GATED_GMM2] = chunk_for(a.nb2, nthreads, 8);
+    pool_submit(&job, nthreads);
+    return atomic_load(&a.nonfinite);
+#endif
+}
+
+typedef struct {
+    const uint16_t *gu;
+    int64_t rows, inter;
+    silu_code silu;
+    float *hbuf;
+    uint16_t *out;
+} silu_and_mul_args;
+
+static void silu_and_mul_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase;
+    const silu_and_mul_args *a = (const silu_and_mul_args *)job->args;
+    for (int64_t r = begin; r < end; r++)
+        silu_and_mul_row(a->gu + r * 2 * a->inter, a->gu + r * 2 * a->inter + a->inter, a->inter, &a->silu, r,
+                         a->rows, a->hbuf + (int64_t)participant * a->inter, a->out + r * a->inter);
+}
+
+/* The activation step of w4a8_gated_mlp_int8 alone (a test entry): bf16 gate|up [rows, 2*inter]
+ * -> bf16 [rows, inter]; hbuf [nthreads, inter] fp32 scratch. */
+int w4a8_silu_and_mul(const uint16_t *gu, int64_t rows, int64_t inter, const float *silu_vec,
+                      const float *silu_scalar, int64_t vec_block, int64_t torch_threads, int64_t grain, float *hbuf,
+                      uint16_t *out, int nthreads) {
+    silu_and_mul_args args = {gu, rows, inter, {silu_vec, silu_scalar, vec_block, torch_threads, grain}, hbuf, out};
+    pool_job job = {.nphases = 1, .run = silu_and_mul_rows, .args = &args};
+    job.total[0] = rows;
+    job.chunk[0] = chunk_for(rows, nthreads, 4);
+    pool_submit(&job, nthreads);
+    return W4A8_OK;
 }
 
 /* ---- routing: expert selection and the sort of routed rows by expert (SPEC 3) ----
