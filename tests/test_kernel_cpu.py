@@ -469,6 +469,9 @@ def test_layer_cpu_equals_reference(native, model_type, m):
     cpu_layer = W4A8MoE.from_quantized(layer_q, mc.routing, backend="cpu")
     ref_layer = W4A8MoE.from_quantized(layer_q, mc.routing, backend="reference")
     assert cpu_layer.backend.name == "cpu"
+    if cpu_layer.shared is not None:  # the shared expert runs on the layer's backend too
+        assert cpu_layer.shared.gate_up_proj.backend.name == "cpu"
+        assert ref_layer.shared.gate_up_proj.backend.name == "reference"
     _assert_bitwise(cpu_layer(x), ref_layer(x))
     cpu_layer.apply_alpha = ref_layer.apply_alpha = False
     _assert_bitwise(cpu_layer(x), ref_layer(x))
