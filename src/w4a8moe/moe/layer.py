@@ -69,7 +69,8 @@ class GatedMLP(nn.Module):
     Two :class:`W8A8Linear` gate and up projections are stacked into one ``gate_up_proj``
     ``[2I, K]`` (the fused projection of the engines): one quantization of ``x`` and one GEMM
     that streams both weights, the same bits as the two (output channels are independent);
-    ``gate_proj`` and ``up_proj`` are then ``None``.
+    ``gate_proj`` and ``up_proj`` are then ``None``. With a W8A8 ``down_proj`` too, on a backend
+    that offers ``gated_mlp_int8`` (the native CPU kernel), the whole MLP is that one call.
     """
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
