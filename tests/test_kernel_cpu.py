@@ -209,6 +209,57 @@ def test_w8a8_linear_module_is_the_same_bits_on_every_backend(native):
     assert set(fast.state_dict()) == {"weight", "weight_scale"}
 
 
+@pytest.mark.parametrize("n,k", [(96, 200), (34, 37), (1, 1), (33, 4), (5, 0)])
+def test_int8_linear_weight_decodes_its_layout_exactly(backend, n, k):
+    g = torch.Generator().manual_seed(n * 3 + k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    if w.numel():
+        w.view(-1)[0], w.view(-1)[-1] = -128, 127
+    prepared = backend.prepare_int8_linear(w, torch.rand(n, generator=g))
+    assert prepared.weight is None  # the layout is the one copy
+    decoded = backend.int8_linear_weight(prepared)
+    assert decoded.dtype == torch.int8 and decoded.is_contiguous() and torch.equal(decoded, w)
+
+
+def test_w8a8_linear_holds_its_weight_once(native):
+    # The kernel's layout is the only copy: the module's buffer is dropped, and weight,
+    # state_dict, a move and a switch of backend all read it back exactly.
+    from w4a8moe.moe import W8A8Linear
+
+    g = torch.Generator().manual_seed(12)
+    w = torch.randint(-128, 128, (70, 130), dtype=torch.int8, generator=g)
+    s = torch.rand(70, generator=g) * 1e-2
+    x = adversarial_rows(5, 130, seed=1).to(torch.bfloat16)
+    linear = W8A8Linear(w.clone(), s, backend=native)
+    expect = w8a8_linear(x, w, s)
+    assert linear._buffers["weight"] is None and linear.prepared.weight is None
+    # int8 once: the layout (channels padded to 32, K to 4) and the scales, nothing else
+    assert linear.prepared.layout.numel() == 96 * 132
+    assert [t.numel() for t in linear.buffers()] == [70]
+    assert torch.equal(linear.weight, w) and torch.equal(linear.int8_weight(), w)
+    state = linear.state_dict()
+    assert set(state) == {"weight", "weight_scale"} and torch.equal(state["weight"], w)
+    linear.to("cpu")
+    assert linear._buffers["weight"] is None
+    _assert_bitwise(linear(x), expect)
+    linear.set_backend("reference")
+    assert torch.equal(linear._buffers["weight"], w)
+    _assert_bitwise(linear(x), expect)
+    linear.set_backend(native)
+    assert linear._buffers["weight"] is None
+    _assert_bitwise(linear(x), expect)
+    copy = W8A8Linear(torch.zeros_like(w), torch.ones(70), backend="reference")
+    copy.load_state_dict(state)
+    copy.set_backend()
+    _assert_bitwise(copy(x), expect)
+
+
+def test_int8_linear_keeps_the_weight_where_int32_could_overflow(native):
+    w = torch.full((2, 140_000), 3, dtype=torch.int8)
+    prepared = native.prepare_int8_linear(w, torch.ones(2))
+    assert prepared.weight is w and native.int8_linear_weight(prepared) is w
+
+
 def test_relayout_is_four_bits_and_decodes_to_the_weights(native):
     # Decode the layout independently (as documented in the C source) and compare.
     n, k = 40, 10

@@ -432,12 +432,13 @@ class CpuPreparedExperts(PreparedExperts):
 @dataclass
 class CpuInt8Linear:
     """An int8 ``[N, K]`` Linear weight re-laid for the kernel (8 bits per weight, as
-    ``w + 128`` bytes in the blocked layout), its scales padded to a multiple of 32, and the
-    caller's weight itself, for the rare K where int32 could overflow."""
+    ``w + 128`` bytes in the blocked layout), its scales padded to a multiple of 32, and, only
+    for the rare K where int32 could overflow, the caller's weight itself (else ``None``: the
+    layout is the one copy, :meth:`CpuBackend.int8_linear_weight` decodes it)."""
 
     layout: torch.Tensor
     scale: torch.Tensor
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     out_features: int
     in_features: int
 
@@ -454,6 +455,11 @@ class CpuInt4Operand:
 
 def _round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
+
+
+def _int32_may_overflow(k: int) -> bool:
+    """Whether a K-long int8 x int8 dot product can leave int32 (the kernel then hands over)."""
+    return k * 128 * 128 >= 2**31
 
 
 def _padded_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -615,13 +621,26 @@ class CpuBackend:
         weight_q = weight_q.contiguous()
         layout = torch.empty(self.kernel.lib.w4a8_int8_layout_bytes(n, k), dtype=torch.uint8)
         self.kernel.lib.w4a8_relayout_int8(_ptr(weight_q), n, k, _ptr(layout), self.num_threads)
-        return CpuInt8Linear(layout, _padded_scales(weight_scale.reshape(1, n), n), weight_q, n, k)
+        kept = weight_q if _int32_may_overflow(k) else None
+        return CpuInt8Linear(layout, _padded_scales(weight_scale.reshape(1, n), n), kept, n, k)
+
+    def int8_linear_weight(self, prepared: CpuInt8Linear) -> torch.Tensor:
+        """The int8 ``[N, K]`` weight of a prepared Linear, decoded exactly from its layout (a new
+        tensor): the kernel's layout is the only copy a :class:`~w4a8moe.moe.W8A8Linear` keeps."""
+        if prepared.weight is not None:
+            return prepared.weight
+        n, k = prepared.out_features, prepared.in_features
+        blocks, quads = _round_up(n, BLOCK_N) // BLOCK_N, _round_up(k, 4) // 4
+        # Byte [block, quad, half, lane, j] holds w[32 * block + 16 * half + lane, 4 * quad + j] + 128.
+        lines = prepared.layout.view(torch.int8).view(blocks, quads, 2, BLOCK_N // 2, 4)
+        w = lines.permute(0, 2, 3, 1, 4).reshape(blocks * BLOCK_N, quads * 4)[:n, :k]
+        return torch.bitwise_xor(w, -128).contiguous()  # (w + 128) mod 256, its top bit flipped
 
     def int8_linear(self, prepared: CpuInt8Linear, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """bf16 ``(float(x_q @ W^T) * x_scale) * w_scale``: the bits of
         :func:`w4a8moe.quant.scaled_int_matmul`, in one kernel call."""
         n, k = prepared.out_features, prepared.in_features
-        if k * 128 * 128 >= 2**31:
+        if _int32_may_overflow(k):
             # int32 could overflow: the reference path, which checks (and raises) exactly.
             return scaled_int_matmul(x_q, x_scale, prepared.weight, prepared.scale[0, :n])
         return self._gemm(prepared.layout, n, k, x_q, x_scale, prepared.scale, int8_weights=True)
@@ -633,7 +652,7 @@ class CpuBackend:
             raise ValueError(f"int_matmul expects int8 a_q [M, K] and b_q [N, K], got {a_q.dtype} "
                              f"{list(a_q.shape)} and {b_q.dtype} {list(b_q.shape)}")
         (m, k), n = a_q.shape, b_q.shape[0]
-        if k * 128 * 128 >= 2**31:  # int32 could overflow: the float64 path checks and raises
+        if _int32_may_overflow(k):  # int32 could overflow: the float64 path checks and raises
             return int8_matmul_int32(a_q, b_q)
         if m == 0 or n == 0 or k == 0:
             return torch.zeros((m, n), dtype=torch.int32)
@@ -723,7 +742,7 @@ class CpuBackend:
     def int8_linear_int32(self, prepared: CpuInt8Linear, x_q: torch.Tensor) -> torch.Tensor:
         """Exact int32 ``x_q @ W^T`` of a prepared W8A8 Linear."""
         n, k = prepared.out_features, prepared.in_features
-        if k * 128 * 128 >= 2**31:
+        if _int32_may_overflow(k):
             return int8_matmul_int32(x_q, prepared.weight)
         return self._gemm(prepared.layout, n, k, x_q, None, None, int8_weights=True)
 
@@ -813,7 +832,7 @@ class CpuBackend:
         m = x_q.shape[0]
         if x_scale.numel() != m:
             raise ValueError(f"x_scale must have {m} values, got {x_scale.numel()}")
-        if max(k, inter) * 128 * 128 >= 2**31:
+        if _int32_may_overflow(max(k, inter)):
             return None
         out = torch.empty((m, n), dtype=torch.bfloat16)
         if m == 0:

@@ -53,6 +53,20 @@ class W4A8MoEBlock(nn.Module):
         return self.moe(hidden_states).to(hidden_states.dtype)
 
 
+def _meta_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(state_dict name, tensor)`` of the parameters and persistent buffers still on the meta
+    device: those left to load by name. Read from the modules, not from ``state_dict()``,
+    which would decode every W8A8 Linear's weight out of its kernel layout (see
+    :class:`~w4a8moe.moe.W8A8Linear`)."""
+    out = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        tensors = list(module._parameters.items()) + [
+            (n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        out.extend((prefix + n, t) for n, t in tensors if t is not None and t.is_meta)
+    return out
+
+
 def use_gated_mlps(model: nn.Module) -> list[str]:
     """Replace each transformers SiLU MLP whose gate/up/down projections are all W8A8 by a
     :class:`~w4a8moe.moe.GatedMLP` on the same projections; return the module paths replaced.
@@ -255,11 +269,8 @@ def load_model(
 
     # 3. Every other parameter and persistent buffer, by name.
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    state = model.state_dict(keep_vars=True)
     missing: list[str] = []
-    for name, tensor in state.items():
-        if not tensor.is_meta:
-            continue  # W4A8 / W8A8 modules, already real
+    for name, tensor in _meta_state(model):
         if name == "lm_head.weight" and tied and name not in infos:
             continue  # tied to the embeddings below
         if name not in infos:

@@ -13,9 +13,11 @@ class W8A8Linear(nn.Module):
 
     The integer matmul runs on a kernel backend (``backend=None``: ``$W4A8MOE_BACKEND`` or the
     fastest available), exact in int32 like :func:`w4a8moe.quant.w8a8_linear`, so the output
-    is the same bits on every backend. The native CPU backend keeps its own re-laid 8-bit copy
-    of the weight beside ``weight`` (which stays the module's state): W8A8 Linears cost twice
-    their int8 size in memory, the routed experts (held once, at 4 bits) do not.
+    is the same bits on every backend. A backend that re-lays the weight into a layout of its
+    own and can decode it (the native CPU kernel: ``int8_linear_weight``) holds the only copy,
+    so the Linear costs its int8 size once: the module's ``weight`` buffer is then ``None`` in
+    ``_buffers``, and ``weight`` (attribute, :meth:`int8_weight`, ``state_dict``) is decoded
+    from the layout, exactly, into a new tensor at each access.
     """
 
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor,
@@ -34,11 +36,31 @@ class W8A8Linear(nn.Module):
         the weight's device).
 
         Call it again after replacing ``weight``: the backend's copy is made here."""
+        weight = self.int8_weight()
         chosen = (backend if (backend is not None and not isinstance(backend, str))
-                  else get_backend(backend, self.weight.device))
-        self._prepared = chosen.prepare_int8_linear(self.weight, self.weight_scale)
+                  else get_backend(backend, weight.device))
+        self._prepared = chosen.prepare_int8_linear(weight, self.weight_scale)
         self.backend = chosen
-        self._prepared_device = self.weight.device
+        self._prepared_device = weight.device
+        owns_copy = callable(getattr(chosen, "int8_linear_weight", None))
+        self._buffers["weight"] = None if owns_copy else weight
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 ``[N, K]`` weight: the buffer, or decoded from the backend's layout where that
+        is the only copy (exact; a new tensor)."""
+        weight = self._buffers.get("weight")
+        return weight if weight is not None else self.backend.int8_linear_weight(self._prepared)
+
+    def __getattr__(self, name: str):
+        # ``weight`` reads as the int8 weight whether the buffer or the backend holds it.
+        if name == "weight" and self.__dict__.get("_buffers", {}).get("weight", 0) is None:
+            return self.int8_weight()
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._buffers.get("weight") is None:
+            destination[prefix + "weight"] = self.int8_weight()
 
     @property
     def prepared(self) -> object:
@@ -46,10 +68,16 @@ class W8A8Linear(nn.Module):
         return self._prepared
 
     def _apply(self, fn, recurse=True):
-        # ``module.to(device)`` moves the buffers; the backend's copy is remade for the new device.
+        # ``module.to(device)`` moves the buffers; the backend's copy is remade for the new device
+        # (from the weight, put back in its buffer for the move where the backend held it).
+        if self._buffers.get("weight") is None:
+            self._buffers["weight"] = self.int8_weight()
         out = super()._apply(fn, recurse)
-        if self.weight.device != self._prepared_device:
+        weight = self._buffers["weight"]
+        if weight.device != self._prepared_device:
             self.set_backend()
+        elif callable(getattr(self.backend, "int8_linear_weight", None)):
+            self._buffers["weight"] = None
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
