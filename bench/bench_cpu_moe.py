@@ -499,7 +499,7 @@ def block_only(quick: bool) -> None:
           f"{backend.kernel.openmp_runtime}")
     dram = probe_dram_read(backend.kernel, (1 if quick else 2) * GIB + 256 * 1024**2, repeats=2 if quick else 3)
     dram_bw = max(dram.values())
-    print(f"DRAM read (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in dram.items()), flush=True)
+    print("DRAM read (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in dram.items()), flush=True)
     layer = whole_layer(random_packed_experts(seed=100), torch.linspace(0.6, 1.0, EXPERTS), seed=7)
     runs = run_block_section(layer, dram_bw, quick, backend.kernel, best_read_variant(dram))
     print("BLOCK_RESULT " + json.dumps({str(m): {"alone": r.alone.median, "interleaved": r.interleaved.median,
@@ -560,7 +560,6 @@ def main() -> None:
     thread_counts = sorted({max_threads if t == "max" else int(t) for t in thread_spec.split(",")})
     skip = set(filter(None, args.skip.split(",")))
     quick = args.quick
-    threads = max_threads
     load_before = os.getloadavg()
     backend = get_backend("cpu")
     kernel = backend.kernel

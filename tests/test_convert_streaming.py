@@ -9,7 +9,6 @@ primitives applied to the stacked ``[E, N, K]`` weights of a layer.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

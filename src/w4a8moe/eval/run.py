@@ -41,7 +41,6 @@ from w4a8moe.eval.metrics import (
     routing_overlap,
     top1_agreement,
 )
-from w4a8moe.formats import open_checkpoint
 from w4a8moe.models.loading import load_model, resolve_device
 from w4a8moe.models.tokenizer import load_tokenizer
 
