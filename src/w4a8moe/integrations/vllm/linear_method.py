@@ -81,6 +81,9 @@ class W8A8LinearMethod(LinearMethodBase):
         ops.LINEAR_LAYERS[self.prefix] = ops.LinearState(
             backend=backend, prepared=backend.prepare_int8_linear(layer.weight.data.contiguous(), scale),
             weight_scale=scale.clone(), out_features=self.out_features, row_parallel=row_parallel)
+        if callable(getattr(backend, "int8_linear_weight", None)):
+            # The backend's layout is the only copy it needs (see W8A8Linear): drop the loaded one.
+            layer.weight.data = torch.empty(0, dtype=torch.int8)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.ops.w4a8moe.int8_linear(x, self.prefix, self.out_features).to(x.dtype)
