@@ -79,7 +79,7 @@ class GatedMLP(nn.Module):
         if (type(gate_proj) is W8A8Linear and type(up_proj) is W8A8Linear
                 and gate_proj.in_features == up_proj.in_features
                 and type(gate_proj.backend) is type(up_proj.backend)
-                and gate_proj.weight.device == up_proj.weight.device):
+                and gate_proj.weight_scale.device == up_proj.weight_scale.device):
             self.gate_up_proj = W8A8Linear(torch.cat((gate_proj.weight, up_proj.weight)),
                                            torch.cat((gate_proj.weight_scale, up_proj.weight_scale)),
                                            backend=gate_proj.backend)
