@@ -131,6 +131,13 @@ class ExpertBackend(Protocol):
         equal to :func:`w4a8moe.quant.int8_matmul_int32` (the clip search's products)."""
 
 
+def holds_int8_weight(backend: object) -> bool:
+    """Whether ``backend``'s prepared W8A8 Linear is a copy of the int8 weight it can decode
+    back (``int8_linear_weight``: the native CPU kernel's layout), so that the caller can drop
+    its own: the weight is then held once."""
+    return callable(getattr(backend, "int8_linear_weight", None))
+
+
 def combine_rows(rows: torch.Tensor, token_ids: torch.Tensor, row_weights: torch.Tensor,
                  num_tokens: int) -> torch.Tensor:
     """``out[t] = sum of row_weights[r] * rows[r]`` over the rows ``r`` of token ``t``: fp32

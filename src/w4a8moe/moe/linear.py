@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from w4a8moe.kernels import ExpertBackend, get_backend
+from w4a8moe.kernels.base import holds_int8_weight
 
 
 class W8A8Linear(nn.Module):
@@ -42,8 +43,7 @@ class W8A8Linear(nn.Module):
         self._prepared = chosen.prepare_int8_linear(weight, self.weight_scale)
         self.backend = chosen
         self._prepared_device = weight.device
-        owns_copy = callable(getattr(chosen, "int8_linear_weight", None))
-        self._buffers["weight"] = None if owns_copy else weight
+        self._buffers["weight"] = None if holds_int8_weight(chosen) else weight
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 ``[N, K]`` weight: the buffer, or decoded from the backend's layout where that
@@ -76,7 +76,7 @@ class W8A8Linear(nn.Module):
         weight = self._buffers["weight"]
         if weight.device != self._prepared_device:
             self.set_backend()
-        elif callable(getattr(self.backend, "int8_linear_weight", None)):
+        elif holds_int8_weight(self.backend):
             self._buffers["weight"] = None
         return out
 

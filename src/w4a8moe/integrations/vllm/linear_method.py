@@ -14,6 +14,7 @@ import torch
 from w4a8moe.errors import CheckpointError
 from w4a8moe.integrations.vllm import ops
 from w4a8moe.kernels import get_backend
+from w4a8moe.kernels.base import holds_int8_weight
 
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
@@ -81,7 +82,7 @@ class W8A8LinearMethod(LinearMethodBase):
         ops.LINEAR_LAYERS[self.prefix] = ops.LinearState(
             backend=backend, prepared=backend.prepare_int8_linear(layer.weight.data.contiguous(), scale),
             weight_scale=scale.clone(), out_features=self.out_features, row_parallel=row_parallel)
-        if callable(getattr(backend, "int8_linear_weight", None)):
+        if holds_int8_weight(backend):
             # The backend's layout is the only copy it needs (see W8A8Linear): drop the loaded one.
             layer.weight.data = torch.empty(0, dtype=torch.int8)
 
