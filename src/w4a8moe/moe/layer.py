@@ -281,10 +281,9 @@ class W4A8MoE(nn.Module):
         quantized = self.backend.quantize_per_token(x2)
         # In place on the fp32 sum (the same bits as out-of-place): no more [M, H] temporaries.
         out = self.routed_experts(x2, weights, ids, quantized).mul_(self.routing.routed_scaling_factor)
-        if isinstance(self.shared, GatedMLP):
-            out.add_(self.shared(x2, quantized).to(torch.float32))
-        elif self.shared is not None:
-            out.add_(self.shared(x2).to(torch.float32))
+        if self.shared is not None:
+            shared = self.shared(x2, quantized) if isinstance(self.shared, GatedMLP) else self.shared(x2)
+            out.add_(shared.to(torch.float32))
         return out.to(torch.bfloat16).reshape(shape)
 
     def extra_repr(self) -> str:

@@ -546,14 +546,14 @@ typedef struct {
 } gemm_args;
 
 #if W4A8_ISA != 0
-static void gemm_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
-    (void)participant;
-    const gemm_args *a = (const gemm_args *)job->args;
-    if (phase == 0) { /* rows into the zero-padded copy, with their sums */
-        for (int64_t r = begin; r < end; r++)
-            a->xsum[r] = copy_row_padded(a->x + r * a->ldx, a->k, a->xp + r * 4 * a->kq, 4 * a->kq);
-        return;
-    }
+/* Rows [begin, end) of x into the zero-padded copy xp, with their sums. */
+static void gemm_pad_rows(const gemm_args *a, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++)
+        a->xsum[r] = copy_row_padded(a->x + r * a->ldx, a->k, a->xp + r * 4 * a->kq, 4 * a->kq);
+}
+
+/* Weight blocks [begin, end) of one matrix, against all m rows of xp. */
+static void gemm_blocks(const gemm_args *a, int64_t begin, int64_t end) {
     const int64_t block_bytes = a->kq * LINE * (a->int8w ? 2 : 1);
     for (int64_t b = begin; b < end; b++) {
         block_job bj = {a->wl + b * block_bytes, a->kq, a->xp, 4 * a->kq, a->xsum, a->xscale,
@@ -563,6 +563,12 @@ static void gemm_phase(const pool_job *job, int phase, int64_t begin, int64_t en
                         a->n, a->int8w};
         run_block_job(&bj, a->m);
     }
+}
+
+static void gemm_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)participant;
+    const gemm_args *a = (const gemm_args *)job->args;
+    if (phase == 0) gemm_pad_rows(a, begin, end); else gemm_blocks(a, begin, end);
 }
 #endif
 
@@ -666,9 +672,8 @@ static void swiglu_clip_quant_row(const uint16_t *gu, int64_t inter, int64_t int
                                   const silu_code *silu, int64_t row, int64_t rows, float *h, int8_t *hq,
                                   float *hscale, int32_t *hsum) {
     silu_mul_row(gu, gu + inter, inter, silu, row, rows, 0, h);
-    int64_t j;
     float amax = 0.0f;
-    j = 0;
+    int64_t j = 0;
 #if W4A8_ISA == 3
     /* max(|h|) is exact in any order; NaN is skipped as by the scalar comparison below. */
     __m512 vmax = _mm512_setzero_ps();
@@ -1041,15 +1046,12 @@ static void silu_and_mul_row(const uint16_t *g, const uint16_t *u, int64_t inter
 }
 
 typedef struct {
-    const uint8_t *w13, *w2;
-    const float *w13_scale, *w2_scale;
-    int64_t m, k, inter, n2, kq1, kq2, nb1, nb2, ip;
-    const int8_t *x_q;
-    const float *x_scale;
+    gemm_args gate_up, down; /* down's x, xp, xsum, xscale: the activation phase's hq, hsum, hs */
+    int64_t m, inter, ip;
     silu_code silu;
-    int8_t *xp, *hq;
-    int32_t *xsum, *hsum;
-    uint16_t *gu, *hb, *out;
+    int8_t *hq;
+    int32_t *hsum;
+    uint16_t *gu, *hb;
     float *hbuf, *hs;
     _Atomic int nonfinite;
 } gated_args;
@@ -1060,19 +1062,11 @@ enum { GATED_PAD, GATED_GMM1, GATED_ACT, GATED_GMM2 };
 static void gated_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
     gated_args *a = (gated_args *)job->args;
     if (phase == GATED_PAD) {
-        for (int64_t r = begin; r < end; r++)
-            a->xsum[r] = copy_row_padded(a->x_q + r * a->k, a->k, a->xp + r * 4 * a->kq1, 4 * a->kq1);
-    } else if (phase == GATED_GMM1 || phase == GATED_GMM2) {
-        const int first = phase == GATED_GMM1;
-        const int64_t kq = first ? a->kq1 : a->kq2, n = first ? 2 * a->inter : a->n2;
-        for (int64_t b = begin; b < end; b++) {
-            block_job bj = {(first ? a->w13 : a->w2) + b * kq * 2 * LINE, kq, first ? a->xp : a->hq, 4 * kq,
-                            first ? a->xsum : a->hsum, first ? a->x_scale : a->hs,
-                            (first ? a->w13_scale : a->w2_scale) + b * NBLOCK,
-                            (n - b * NBLOCK) < NBLOCK ? (n - b * NBLOCK) : NBLOCK, NULL,
-                            (first ? a->gu : a->out) + b * NBLOCK, n, 1};
-            run_block_job(&bj, a->m);
-        }
+        gemm_pad_rows(&a->gate_up, begin, end);
+    } else if (phase == GATED_GMM1) {
+        gemm_blocks(&a->gate_up, begin, end);
+    } else if (phase == GATED_GMM2) {
+        gemm_blocks(&a->down, begin, end);
     } else {
         /* silu_and_mul (fp32, one rounding to bf16), then the per-token quantization of the
          * bf16 values, as torch computes it on the bf16 tensor silu_and_mul returns. */
@@ -1081,17 +1075,13 @@ static void gated_phase(const pool_job *job, int phase, int64_t begin, int64_t e
         for (int64_t r = begin; r < end; r++) {
             const uint16_t *g = a->gu + r * 2 * a->inter;
             silu_and_mul_row(g, g + a->inter, a->inter, &a->silu, r, a->m, h, hb);
-            int64_t j;
             int8_t *q = a->hq + r * a->ip;
             if (quant_row(hb, 1, a->inter, q, a->hs + r)) {
                 atomic_store(&a->nonfinite, 1);
                 memset(q, 0, (size_t)a->ip);
                 a->hs[r] = 0.0f;
             }
-            int32_t sum = 0;
-            for (j = 0; j < a->inter; j++) sum += q[j];
-            for (; j < a->ip; j++) q[j] = 0;
-            a->hsum[r] = sum;
+            a->hsum[r] = copy_row_padded(q, a->inter, q, a->ip); /* in place: the sum and the zero pad */
         }
     }
 }
@@ -1122,19 +1112,21 @@ int w4a8_gated_mlp_int8(const uint8_t *w13, const float *w13_scale, const uint8_
     return W4A8_ERR_NO_SIMD;
 #else
     if (m == 0) return W4A8_OK;
-    gated_args a = {w13, w2, w13_scale, w2_scale, m, k, inter, n2, round_up(k, 4) / 4, round_up(inter, 4) / 4,
-                    round_up(2 * inter, NBLOCK) / NBLOCK, round_up(n2, NBLOCK) / NBLOCK, round_up(inter, 4),
-                    x_q, x_scale, {silu_vec, silu_scalar, vec_block, torch_threads, grain},
-                    xp, hq, xsum, hsum, gu, hb, out, hbuf, hs, 0};
+    const int64_t ip = round_up(inter, 4);
+    gated_args a = {
+        {w13, 2 * inter, k, round_up(k, 4) / 4, m, x_q, k, xp, xsum, x_scale, w13_scale, NULL, gu, 1},
+        {w2, n2, inter, ip / 4, m, NULL, 0, hq, hsum, hs, w2_scale, NULL, out, 1},
+        m, inter, ip, {silu_vec, silu_scalar, vec_block, torch_threads, grain}, hq, hsum, gu, hb, hbuf, hs, 0};
+    const int64_t nb1 = round_up(2 * inter, NBLOCK) / NBLOCK, nb2 = round_up(n2, NBLOCK) / NBLOCK;
     pool_job job = {.nphases = 4, .run = gated_phase, .args = &a};
     job.total[GATED_PAD] = m;
     job.chunk[GATED_PAD] = chunk_for(m, nthreads, 2);
-    job.total[GATED_GMM1] = a.nb1;
-    job.chunk[GATED_GMM1] = chunk_for(a.nb1, nthreads, 8);
+    job.total[GATED_GMM1] = nb1;
+    job.chunk[GATED_GMM1] = chunk_for(nb1, nthreads, 8);
     job.total[GATED_ACT] = m;
     job.chunk[GATED_ACT] = chunk_for(m, nthreads, 4);
-    job.total[GATED_GMM2] = a.nb2;
-    job.chunk[GATED_GMM2] = chunk_for(a.nb2, nthreads, 8);
+    job.total[GATED_GMM2] = nb2;
+    job.chunk[GATED_GMM2] = chunk_for(nb2, nthreads, 8);
     pool_submit(&job, nthreads);
     return atomic_load(&a.nonfinite);
 #endif
