@@ -332,9 +332,34 @@ def test_refine_form_direct_is_converter_version_1(sources, tmp_path):
     convert(sources["bf16"], gram, **kwargs)
     recorded = json.loads((gram / "config.json").read_text())["w4a8moe"]
     assert recorded["converter_version"] == 2 and recorded["clip_search"]["refine_form"] == "gram"
-    # The two forms learn the same clips here, so the weights are the same bytes.
-    assert {k: v for k, v in _dir_bytes(dst).items() if k.endswith(".safetensors")} == {
-        k: v for k, v in _dir_bytes(gram).items() if k.endswith(".safetensors")}
+    # The two forms take the same gradient, rounded otherwise (and differently on other CPUs,
+    # whose BLAS kernels sum in other orders): a refinement path may end a few ulps apart. So
+    # the weights are the same tensors but for such an alpha (and the down clips chosen for it),
+    # and the learned errors agree.
+    _assert_same_clips_but_rounding(dst, gram)
+
+
+def _assert_same_clips_but_rounding(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    moved = {k.rsplit(".", 2)[0] for k in ta if k.endswith(".alpha") and not torch.equal(ta[k], tb[k])}
+    for k in ta:
+        if k.endswith(".alpha"):
+            assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=0), k
+        elif not any(k.startswith(e + ".down_proj") for e in moved):
+            assert torch.equal(ta[k], tb[k]), k
+    for unit, rep in json.loads((a / "conversion_report.json").read_text())["units"].items():
+        other = json.loads((b / "conversion_report.json").read_text())["units"][unit]
+        for ea, eb in zip(rep.get("moe", {}).get("per_expert", []), other.get("moe", {}).get("per_expert", [])):
+            assert math.isclose(ea["rel_err_learned"], eb["rel_err_learned"], rel_tol=1e-3), (unit, ea, eb)
 
 
 # ------------------------------------------------------------------------- policy / families / CLI

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import platform
 import re
@@ -45,7 +46,13 @@ from w4a8moe.quant import INT4_MAX, dynamic_quant_per_token, int8_matmul_int32, 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 6
+ABI_VERSION = 7
+BLOCK_SCRATCH = (
+    "blk_xq", "blk_xscale", "blk_order", "blk_token_ids", "blk_offsets", "blk_row_weights", "xg", "gu", "hq", "h",
+    "xsum", "hsum", "xs", "hs", "rows", "token_rows", "token_start", "blk_rowbuf", "mlp_xp", "mlp_xsum", "mlp_gu",
+    "mlp_hq", "mlp_hs", "mlp_hsum", "mlp_h", "mlp_hb", "blk_shared_out",
+)
+"""The scratch of ``w4a8_moe_block``, in the order of its arguments."""
 
 ISA_FLAGS: dict[str, list[str]] = {
     # Everything the compiling CPU has: AVX-512 VNNI where present.
@@ -271,6 +278,10 @@ class KernelLibrary:
         lib.w4a8_gated_mlp_int8.restype = _INT
         lib.w4a8_gated_mlp_int8.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _I64,
                                             _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT]
+        lib.w4a8_moe_block.restype = _INT
+        lib.w4a8_moe_block.argtypes = ([_P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, ctypes.c_float,
+                                        _P, _P, _I64, _I64, _P, _I64, _P, _P, _I64, _I64]
+                                       + [_P] * len(BLOCK_SCRATCH) + [_P, _INT])
         lib.w4a8_silu_and_mul.restype = _INT
         lib.w4a8_silu_and_mul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, _INT]
         lib.w4a8_scaled_sq_err.restype = None
@@ -453,6 +464,33 @@ class CpuInt4Operand:
     in_features: int
 
 
+HUGE_PAGE = 2 << 20
+"""The size of a transparent huge page on x86-64 Linux."""
+
+
+def weight_buffer(nbytes: int) -> torch.Tensor:
+    """uint8 ``[nbytes]`` for a weight layout the kernel streams, on transparent huge pages
+    where the OS gives them on request (Linux ``madvise`` mode, the usual default), else a
+    plain tensor.
+
+    A decode call reads each weight once from DRAM; with 4 KiB pages its streams cross a page
+    (and the hardware prefetcher stops) every 4 KiB: on 2 MiB pages the same calls ran 5 %
+    faster (``bench/bench_cpu_moe.py --block-only``). The memory is an anonymous private
+    mapping that the tensor keeps alive; it costs at most one huge page more than ``nbytes``.
+    """
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < HUGE_PAGE or advice is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(advice)
+    except OSError:  # THP compiled out, or refused: ordinary pages, still fine
+        pass
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping until freed
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start:start + nbytes]
+
+
 def _round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
@@ -496,7 +534,7 @@ class CpuBackend:
         stacked = stacked.contiguous()
         n, k = 2 * stacked.shape[1], stacked.shape[2]
         size = self.kernel.lib.w4a8_layout_bytes(n, k)
-        out = torch.empty((stacked.shape[0], size), dtype=torch.uint8)
+        out = weight_buffer(stacked.shape[0] * size).view(stacked.shape[0], size)
         for e in range(stacked.shape[0]):
             self.kernel.lib.w4a8_relayout(_ptr(stacked[e]), n, k, _ptr(out[e]), self.num_threads)
         return out if packed.dim() == 3 else out[0]
@@ -619,7 +657,7 @@ class CpuBackend:
         if weight_scale.numel() != n:
             raise ValueError(f"expected {n} weight scales, got {weight_scale.numel()}")
         weight_q = weight_q.contiguous()
-        layout = torch.empty(self.kernel.lib.w4a8_int8_layout_bytes(n, k), dtype=torch.uint8)
+        layout = weight_buffer(self.kernel.lib.w4a8_int8_layout_bytes(n, k))
         self.kernel.lib.w4a8_relayout_int8(_ptr(weight_q), n, k, _ptr(layout), self.num_threads)
         kept = weight_q if _int32_may_overflow(k) else None
         return CpuInt8Linear(layout, _padded_scales(weight_scale.reshape(1, n), n), kept, n, k)
@@ -792,6 +830,8 @@ class CpuBackend:
         for name, (size, dtype) in need.items():
             if name not in cache or cache[name].numel() < size or cache[name].dtype != dtype:
                 cache[name] = torch.empty(max(size, 1), dtype=dtype)
+                # Pointers kept from earlier calls (moe_block's) are stale from here on.
+                self._scratch.generation = getattr(self._scratch, "generation", 0) + 1
         self._scratch.buffers = cache
         return cache
 
@@ -823,6 +863,29 @@ class CpuBackend:
         code must run instead: a row of ``silu_and_mul`` that is not finite (whose quantization
         this kernel does not reproduce), or a K where int32 could overflow.
         """
+        x_q = x_q.contiguous()
+        call = self._gated_call(gate_up, down, x_q, x_scale)
+        if call is None:
+            return None
+        out, args = call
+        if out.shape[0] == 0:
+            return out
+        tables = silu_tables()
+        k, inter, n = gate_up.in_features, gate_up.out_features // 2, down.out_features
+        status = self.kernel.lib.w4a8_gated_mlp_int8(
+            _ptr(gate_up.layout), _ptr(gate_up.scale), _ptr(down.layout), _ptr(down.scale), k, inter, n,
+            _ptr(x_q), _ptr(args["xs"]), out.shape[0], _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block,
+            torch.get_num_threads(), TORCH_GRAIN_SIZE, *args["scratch"], _ptr(out), self.num_threads)
+        if status == 1:
+            return None
+        self.kernel.check(status)
+        return out
+
+    def _gated_call(self, gate_up: CpuInt8Linear, down: CpuInt8Linear, x_q: torch.Tensor,
+                    x_scale: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+        """The checks of :meth:`gated_mlp_int8` and what its kernel call takes beside the
+        weights: ``(bf16 out [M, N], {"xs": fp32 scales, "scratch": its eight scratch
+        pointers})``, or ``None`` where int32 could overflow. ``x_q`` must be contiguous."""
         k, inter, n = gate_up.in_features, gate_up.out_features // 2, down.out_features
         if gate_up.out_features % 2 or down.in_features != inter:
             raise ValueError(f"gate_up must be [2I, K] and down [N, I]: got gate_up "
@@ -836,7 +899,7 @@ class CpuBackend:
             return None
         out = torch.empty((m, n), dtype=torch.bfloat16)
         if m == 0:
-            return out
+            return out, {}
         threads = self.num_threads
         buf = self._scratch_buffers({
             "mlp_xp": (m * _round_up(k, 4), torch.int8), "mlp_xsum": (m, torch.int32),
@@ -844,18 +907,9 @@ class CpuBackend:
             "mlp_hs": (m, torch.float32), "mlp_hsum": (m, torch.int32),
             "mlp_h": (threads * inter, torch.float32), "mlp_hb": (threads * inter, torch.int16),
         })
-        x_q = x_q.contiguous()
-        xs = x_scale.to(torch.float32).reshape(-1).contiguous()
-        tables = silu_tables()
-        status = self.kernel.lib.w4a8_gated_mlp_int8(
-            _ptr(gate_up.layout), _ptr(gate_up.scale), _ptr(down.layout), _ptr(down.scale), k, inter, n, _ptr(x_q),
-            _ptr(xs), m, _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(),
-            TORCH_GRAIN_SIZE, _ptr(buf["mlp_xp"]), _ptr(buf["mlp_xsum"]), _ptr(buf["mlp_gu"]), _ptr(buf["mlp_hq"]),
-            _ptr(buf["mlp_hs"]), _ptr(buf["mlp_hsum"]), _ptr(buf["mlp_h"]), _ptr(buf["mlp_hb"]), _ptr(out), threads)
-        if status == 1:
-            return None
-        self.kernel.check(status)
-        return out
+        scratch = [_ptr(buf[name]) for name in ("mlp_xp", "mlp_xsum", "mlp_gu", "mlp_hq", "mlp_hs", "mlp_hsum",
+                                                "mlp_h", "mlp_hb")]
+        return out, {"xs": x_scale.to(torch.float32).reshape(-1).contiguous(), "scratch": scratch}
 
     def grouped_forward(
         self,
@@ -882,14 +936,32 @@ class CpuBackend:
         """The expert path and the per-token weighted sum in one kernel call: the rows stay in
         scratch and are summed in the kernel's last phase (see
         :class:`w4a8moe.kernels.base.ExpertBackend`)."""
-        if row_weights.numel() != token_ids.numel():
-            raise ValueError(f"row_weights must have {token_ids.numel()} values, got {row_weights.numel()}")
-        return self._forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha,
-                             row_weights.to(torch.float32).reshape(-1).contiguous())
+        return self._forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha, row_weights)
 
     def _forward(self, prepared: CpuPreparedExperts, x_q: torch.Tensor, x_scale: torch.Tensor,
                  token_ids: torch.Tensor, expert_offsets: torch.Tensor, alpha: torch.Tensor,
                  row_weights: torch.Tensor | None) -> torch.Tensor:
+        combine = row_weights is not None
+        rows, tokens, hidden = token_ids.numel(), x_q.shape[0], prepared.hidden_size
+        out = torch.empty((tokens, hidden) if combine else (rows, hidden),
+                          dtype=torch.float32 if combine else torch.bfloat16)
+        args, keep = self._moe_call_args(prepared, x_q, x_scale, token_ids, expert_offsets, alpha, row_weights,
+                                         None if combine else out)
+        if not combine and rows == 0:
+            return out
+        status = self.kernel.lib.w4a8_moe_forward(*args, _ptr(out) if combine else None, self.num_threads)
+        del keep
+        self.kernel.check(status)
+        return out
+
+    def _moe_call_args(self, prepared: CpuPreparedExperts, x_q: torch.Tensor, x_scale: torch.Tensor,
+                       token_ids: torch.Tensor, expert_offsets: torch.Tensor, alpha: torch.Tensor,
+                       row_weights: torch.Tensor | None, rows_out: torch.Tensor | None) -> tuple[list, tuple]:
+        """The checks of the expert path and its kernel arguments up to ``token_start`` (those
+        of ``w4a8_moe_forward`` and ``w4a8_moe_block``): the bf16 rows go to ``rows_out``, or,
+        with ``row_weights`` (combined), to reused scratch. The tensors the pointers point to
+        are kept alive by the tuple returned beside the list, which the caller holds until the call
+        returns."""
         e, hidden, inter = prepared.num_experts, prepared.hidden_size, prepared.intermediate_size
         if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != hidden:
             raise ValueError(f"x_q must be int8 [M, {hidden}], got {x_q.dtype} {list(x_q.shape)}")
@@ -904,32 +976,115 @@ class CpuBackend:
         if int(offsets[-1]) != rows:
             raise ValueError(f"expert_offsets end at {int(offsets[-1])} but there are {rows} routed rows")
         combine = row_weights is not None
-        if combine:
-            out = torch.empty((tokens, hidden), dtype=torch.float32)
-        else:
-            out = torch.empty((rows, hidden), dtype=torch.bfloat16)
-            if rows == 0:
-                return out
+        if combine and row_weights.numel() != rows:
+            raise ValueError(f"row_weights must have {rows} values, got {row_weights.numel()}")
         x_q = x_q.contiguous()
         xs = x_scale.to(torch.float32).reshape(-1).contiguous()
         ids = token_ids.to(torch.int64).contiguous()
         alpha32 = alpha.to(torch.float32).contiguous()
+        weights32 = row_weights.to(torch.float32).reshape(-1).contiguous() if combine else None
         tables = silu_tables()
-        threads = self.num_threads
-        buf = self._buffers(rows, tokens, hidden, inter, threads, combine)
+        buf = self._buffers(rows, tokens, hidden, inter, self.num_threads, combine)
         # Combined: the bf16 rows go to reused scratch and only the [M, H] sum is new memory.
-        rows_ptr = _ptr(buf["rows"]) if combine else _ptr(out)
-        status = self.kernel.lib.w4a8_moe_forward(
+        rows_ptr = _ptr(buf["rows"]) if combine else _ptr(rows_out)
+        keep = (x_q, xs, ids, offsets, alpha32, weights32)
+        return [
             _ptr(prepared.w13), _ptr(prepared.w13_scale), _ptr(prepared.w2), _ptr(prepared.w2_scale),
             e, hidden, inter, _ptr(x_q), _ptr(xs), tokens, _ptr(ids), _ptr(offsets), _ptr(alpha32),
             _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(), TORCH_GRAIN_SIZE,
             _ptr(buf["xg"]), _ptr(buf["gu"]), _ptr(buf["hq"]), _ptr(buf["h"]), _ptr(buf["xsum"]),
             _ptr(buf["hsum"]), _ptr(buf["xs"]), _ptr(buf["hs"]), rows_ptr,
-            _ptr(row_weights) if combine else None, _ptr(buf["token_rows"]) if combine else None,
-            _ptr(buf["token_start"]) if combine else None, _ptr(out) if combine else None, threads,
-        )
+            _ptr(weights32) if combine else None, _ptr(buf["token_rows"]) if combine else None,
+            _ptr(buf["token_start"]) if combine else None,
+        ], keep
+
+    def moe_block(self, prepared: CpuPreparedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, alpha: torch.Tensor, scaling: float,
+                  shared: tuple[CpuInt8Linear, CpuInt8Linear] | None = None) -> torch.Tensor | None:
+        """A whole MoE block in one kernel call: bf16 ``[M, H]`` from bf16 ``x`` ``[M, H]`` and its
+        routing (``topk_weights`` fp32 and ``topk_ids`` int64 ``[M, k]``), the bits of
+        :meth:`quantize_per_token`, :meth:`sort_rows`, :meth:`combined_forward`, ``*
+        scaling``, ``+`` :meth:`gated_mlp_int8` of ``shared = (gate_up, down)`` on the same
+        quantized input (or no shared expert) and the rounding to bf16, as
+        :class:`~w4a8moe.moe.W4A8MoE` computes them. All of it runs in one parallel region, the
+        routed and the shared expert's work of each phase claimed from one range, so that at
+        decode the threads stream from one weight to the next without a wait or a Python step in
+        between. Returns ``None`` where those calls would take a torch path (a row of ``x`` or
+        of the shared activation not finite, or a K where int32 could overflow): the caller
+        then runs them."""
+        e, hidden, inter = prepared.num_experts, prepared.hidden_size, prepared.intermediate_size
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != hidden:
+            raise ValueError(f"x must be bf16 [M, {hidden}], got {x.dtype} {list(x.shape)}")
+        m = x.shape[0]
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != m or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+            raise ValueError(f"topk_ids and topk_weights must be [{m}, k], got {list(topk_ids.shape)} and "
+                             f"{list(topk_weights.shape)}")
+        if alpha.numel() != e:
+            raise ValueError(f"alpha must have {e} entries, got {alpha.numel()}")
+        k = topk_ids.shape[1]
+        s_inter = 0
+        if shared is not None:
+            gate_up, down = shared
+            s_inter = gate_up.out_features // 2
+            if gate_up.in_features != hidden or down.out_features != hidden or gate_up.out_features % 2 \
+                    or down.in_features != s_inter:
+                raise ValueError(f"the shared expert must be gate_up [2I, {hidden}] and down [{hidden}, I], got "
+                                 f"[{gate_up.out_features}, {gate_up.in_features}] and "
+                                 f"[{down.out_features}, {down.in_features}]")
+            if _int32_may_overflow(max(hidden, s_inter)):
+                return None
+        out = torch.empty((m, hidden), dtype=torch.bfloat16)
+        if m == 0:
+            return out
+        if k < 1:
+            raise ValueError("topk_ids must have at least one expert per token")
+        x = x.contiguous()
+        ids = topk_ids.to(torch.int64).contiguous()
+        weights = topk_weights.to(torch.float32).contiguous()
+        alpha32 = alpha.to(torch.float32).contiguous()
+        tables = silu_tables()
+        scratch = self._block_scratch(m, k, e, hidden, inter, s_inter)
+        if shared is not None:
+            shared_args = [_ptr(gate_up.layout), _ptr(gate_up.scale), _ptr(down.layout), _ptr(down.scale), s_inter]
+        else:
+            shared_args = [None, None, None, None, 0]
+        status = self.kernel.lib.w4a8_moe_block(
+            _ptr(prepared.w13), _ptr(prepared.w13_scale), _ptr(prepared.w2), _ptr(prepared.w2_scale), _ptr(alpha32),
+            e, hidden, inter, *shared_args, scaling, _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block,
+            TORCH_GRAIN_SIZE, _ptr(x), m, _ptr(weights), _ptr(ids), k, torch.get_num_threads(), *scratch, _ptr(out),
+            self.num_threads)
+        if status == 1:
+            return None
         self.kernel.check(status)
         return out
+
+    def _block_scratch(self, m: int, k: int, e: int, hidden: int, inter: int, s_inter: int) -> list[int]:
+        """The scratch pointers of :meth:`moe_block`, in :data:`BLOCK_SCRATCH` order (kept per
+        calling thread with the tensors, rebuilt only when a size changes)."""
+        threads = self.num_threads
+        key = (m, k, e, hidden, inter, s_inter, threads)
+        cached = getattr(self._scratch, "block", None)
+        if cached is not None and cached[0] == key and cached[1] == getattr(self._scratch, "generation", 0):
+            return cached[2]
+        rows, hp, ip, sip = m * k, _round_up(hidden, 4), _round_up(inter, 4), _round_up(s_inter, 4)
+        sizes = {
+            "blk_xq": (m * hidden, torch.int8), "blk_xscale": (m, torch.float32),
+            "blk_order": (rows, torch.int64), "blk_token_ids": (rows, torch.int64),
+            "blk_offsets": (e + 1, torch.int64), "blk_row_weights": (rows, torch.float32),
+            "xg": (rows * hp, torch.int8), "gu": (rows * 2 * inter, torch.int16), "hq": (rows * ip, torch.int8),
+            "h": (threads * inter, torch.float32), "xsum": (rows, torch.int32), "hsum": (rows, torch.int32),
+            "xs": (rows, torch.float32), "hs": (rows, torch.float32), "rows": (rows * hidden, torch.int16),
+            "token_rows": (rows, torch.int64), "token_start": (m + 1, torch.int64),
+            "blk_rowbuf": (threads * hidden, torch.float32),
+            "mlp_xp": (m * hp, torch.int8), "mlp_xsum": (m, torch.int32), "mlp_gu": (m * 2 * s_inter, torch.int16),
+            "mlp_hq": (m * sip, torch.int8), "mlp_hs": (m, torch.float32), "mlp_hsum": (m, torch.int32),
+            "mlp_h": (threads * s_inter, torch.float32), "mlp_hb": (threads * s_inter, torch.int16),
+            "blk_shared_out": (m * hidden, torch.int16),
+        }
+        buf = self._scratch_buffers(sizes)
+        pointers = [_ptr(buf[name]) for name in BLOCK_SCRATCH]
+        self._scratch.block = (key, getattr(self._scratch, "generation", 0), pointers)
+        return pointers
 
     # ---- the clip search's alpha refinement (w4a8moe.calibrate.clips, the Gram form) ----
 

@@ -111,17 +111,28 @@ class GatedMLP(nn.Module):
             return self.down_proj(silu_and_mul(gate_up[..., :inter], gate_up[..., inter:]))
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
+    def native_projections(self) -> tuple[object, object] | None:
+        """``(gate_up, down)`` as their backend prepared them, where that backend runs the whole
+        MLP as one call (``gated_mlp_int8``: the native CPU kernel, both projections W8A8 on
+        it), else ``None``."""
+        if self.gate_up_proj is None or type(self.down_proj) is not W8A8Linear:
+            return None
+        backend = self.gate_up_proj.backend
+        if getattr(backend, "gated_mlp_int8", None) is None or type(self.down_proj.backend) is not type(backend):
+            return None
+        return self.gate_up_proj.prepared, self.down_proj.prepared
+
     def _one_call(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
         # The whole MLP as one backend call where the backend has one (the native CPU kernel):
         # at decode the gaps between three GEMMs and the torch ops of the activation cost a
         # third of the time of the weights' reads. The same bits; None: run the modules.
-        backend = self.gate_up_proj.backend
-        run = getattr(backend, "gated_mlp_int8", None)
-        if run is None or type(self.down_proj) is not W8A8Linear or type(self.down_proj.backend) is not type(backend):
+        projections = self.native_projections()
+        if projections is None:
             return None
+        backend = self.gate_up_proj.backend
         lead = x.shape[:-1]
         x_q, x_scale = quantized if quantized is not None else backend.quantize_per_token(x.reshape(-1, x.shape[-1]))
-        out = run(self.gate_up_proj.prepared, self.down_proj.prepared, x_q, x_scale)
+        out = backend.gated_mlp_int8(*projections, x_q, x_scale)
         return None if out is None else out.reshape(*lead, self.down_proj.out_features)
 
 
@@ -273,10 +284,31 @@ class W4A8MoE(nn.Module):
         return self.backend.combined_forward(self._prepared, x_q, x_scale, rows.token_ids, rows.offsets, alpha,
                                              rows.row_weights)
 
+    def _one_call(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        # The input's quantization, the routed experts, the shared expert and their sum as one
+        # backend call where the backend has one (the native CPU kernel): at decode, between a
+        # decoder layer's torch work, each separate call and torch op runs on cold caches and
+        # the threads wait at each call's end. The same bits; None: run the parts.
+        block = getattr(self.backend, "moe_block", None)
+        if block is None or x.shape[0] == 0:
+            return None
+        projections = None
+        if self.shared is not None:
+            if type(self.shared) not in (GatedMLP, SharedExpert) or getattr(self.shared, "expert_gate", None) is not None:
+                return None
+            projections = self.shared.native_projections()
+            if projections is None or type(self.shared.gate_up_proj.backend) is not type(self.backend):
+                return None
+        alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
+        return block(self._prepared, x, weights, ids, alpha, self.routing.routed_scaling_factor, projections)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         weights, ids = self.route(x2)
+        fused = self._one_call(x2, weights, ids)
+        if fused is not None:
+            return fused.reshape(shape)
         # One quantization of the input for the routed experts and a W8A8 shared expert.
         quantized = self.backend.quantize_per_token(x2)
         # In place on the fp32 sum (the same bits as out-of-place): no more [M, H] temporaries.

@@ -63,7 +63,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 6
+#define W4A8_ABI_VERSION 7
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -81,7 +81,7 @@ int w4a8_abi_version(void) { return W4A8_ABI_VERSION; }
 
 /* ---- the work pool: torch's OpenMP threads ------------------------------------------ */
 
-#define MAX_PHASES 5
+#define MAX_PHASES 6
 #define MAX_THREADS 256
 
 typedef struct pool_job pool_job;
@@ -126,12 +126,29 @@ static void wait_until_done(const pool_job *job, int p) {
     }
 }
 
+/* The next chunk of phase p, guided: half of an equal share of what is left, never less than
+ * the phase's chunk. Long sequential runs first, short ones last, so that the team's last
+ * chunks end close together (a decode call's phases are a few milliseconds of weight stream:
+ * a fixed chunk left up to one chunk's time of a thread idle at each phase's end). */
+static int64_t claim_chunk(pool_job *job, int p, int64_t *end) {
+    const int64_t total = job->total[p], team = job->max_participants;
+    int64_t begin = atomic_load(&job->next[p]), size;
+    do {
+        if (begin >= total) return begin;
+        size = (total - begin) / (2 * team);
+        if (size < job->chunk[p]) size = job->chunk[p];
+        if (size > total - begin) size = total - begin;
+    } while (!atomic_compare_exchange_weak(&job->next[p], &begin, begin + size));
+    *end = begin + size;
+    return begin;
+}
+
 static void run_job(pool_job *job, int participant) {
     for (int p = 0; p < job->nphases; p++) {
         for (;;) {
-            const int64_t begin = atomic_fetch_add(&job->next[p], job->chunk[p]);
+            int64_t end = 0;
+            const int64_t begin = claim_chunk(job, p, &end);
             if (begin >= job->total[p]) break;
-            const int64_t end = begin + job->chunk[p] < job->total[p] ? begin + job->chunk[p] : job->total[p];
             job->run(job, p, begin, end, participant);
             atomic_fetch_add(&job->done[p], end - begin);
         }
@@ -772,6 +789,7 @@ typedef struct {
     const int8_t *x_q;
     const float *x_scale;
     const int64_t *token_ids, *offsets, *active;
+    int64_t nact, rows, num_tokens;
     const float *alpha;
     silu_code silu;
     int8_t *xg, *hq;
@@ -806,8 +824,8 @@ static void combine_token(const uint16_t *rows, int64_t hidden, const float *w, 
 }
 
 #if W4A8_ISA != 0
-static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
-    const moe_args *a = (const moe_args *)job->args;
+/* Items [begin, end) of phase `phase` of the routed expert path (w4a8_moe_forward, w4a8_moe_block). */
+static void moe_items(const moe_args *a, int phase, int64_t begin, int64_t end, int participant) {
     if (phase == PHASE_GATHER) {
         for (int64_t r = begin; r < end; r++) {
             const int64_t t = a->token_ids[r];
@@ -851,6 +869,77 @@ static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end
                           a->token_start[t + 1] - a->token_start[t], a->out_f32 + t * a->hidden);
     }
 }
+
+static void moe_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    moe_items((const moe_args *)job->args, phase, begin, end, participant);
+}
+#endif
+
+/*
+ * The grouped expert path. Rows r in [offsets[e], offsets[e+1]) belong to expert e and read
+ * token token_ids[r] of x_q [M, H]; out is bf16 [R, H]. Scratch buffers are supplied by the
+ * caller: xg [R, Hp] int8, gu [R, 2I] bf16, hq [R, Ip] int8, h [nthreads, I] fp32,
+ * xsum/hsum [R] int32, xs/hs [R] fp32 (Hp, Ip: H, I rounded up to a multiple of 4).
+ * With out_f32 [M, H] (else NULL), a last phase also combines the rows per token
+ * (combine_token, with row_weights [R]); token_rows [R] and token_start [M + 1] are scratch.
+ */
+#if W4A8_ISA != 0
+/* Checks the routing (offsets, token ids), sorts each token's rows for the combine when
+ * token_rows is not NULL, lists the experts with rows (*active, malloc'ed: the caller frees it)
+ * and fills *a; the pointers are those of w4a8_moe_forward. */
+static int moe_setup(moe_args *a, int64_t **active_out, const uint8_t *w13, const float *w13_scale,
+                     const uint8_t *w2, const float *w2_scale, int64_t num_experts, int64_t hidden, int64_t inter,
+                     const int8_t *x_q, const float *x_scale, int64_t num_tokens, const int64_t *token_ids,
+                     const int64_t *offsets, const float *alpha, silu_code silu, int8_t *xg, uint16_t *gu,
+                     int8_t *hq, float *hbuf, int32_t *xsum, int32_t *hsum, float *xs, float *hs, uint16_t *out,
+                     const float *row_weights, int64_t *token_rows, int64_t *token_start, float *out_f32) {
+    *active_out = NULL;
+    if (offsets[0] != 0) return W4A8_ERR_OFFSETS;
+    for (int64_t e = 0; e < num_experts; e++)
+        if (offsets[e + 1] < offsets[e]) return W4A8_ERR_OFFSETS;
+    const int64_t rows = offsets[num_experts];
+    for (int64_t r = 0; r < rows; r++)
+        if (token_ids[r] < 0 || token_ids[r] >= num_tokens) return W4A8_ERR_TOKEN_ID;
+    if (token_rows) {
+        /* Each token's rows in increasing r: a counting sort by token, O(R + M). */
+        for (int64_t t = 0; t <= num_tokens; t++) token_start[t] = 0;
+        for (int64_t r = 0; r < rows; r++) token_start[token_ids[r] + 1]++;
+        for (int64_t t = 0; t < num_tokens; t++) token_start[t + 1] += token_start[t];
+        for (int64_t r = 0; r < rows; r++) token_rows[token_start[token_ids[r]]++] = r;
+        for (int64_t t = num_tokens; t > 0; t--) token_start[t] = token_start[t - 1];
+        token_start[0] = 0;
+    }
+    /* Work items over experts that have rows; an empty expert costs nothing. */
+    int64_t *active = (int64_t *)malloc((size_t)(num_experts > 0 ? num_experts : 1) * sizeof(int64_t));
+    if (!active) return W4A8_ERR_NO_MEMORY;
+    int64_t nact = 0;
+    for (int64_t e = 0; e < num_experts; e++)
+        if (offsets[e + 1] > offsets[e]) active[nact++] = e;
+    *active_out = active;
+
+    a->w13 = w13; a->w2 = w2; a->w13_scale = w13_scale; a->w2_scale = w2_scale;
+    a->num_experts = num_experts; a->hidden = hidden; a->inter = inter;
+    a->n1 = 2 * inter; a->hp = round_up(hidden, 4); a->ip = round_up(inter, 4);
+    a->kq1 = a->hp / 4; a->kq2 = a->ip / 4;
+    a->nb1 = round_up(a->n1, NBLOCK) / NBLOCK; a->nb2 = round_up(hidden, NBLOCK) / NBLOCK;
+    a->w13_stride = a->nb1 * a->kq1 * LINE; a->w2_stride = a->nb2 * a->kq2 * LINE;
+    a->x_q = x_q; a->x_scale = x_scale; a->token_ids = token_ids; a->offsets = offsets; a->active = active;
+    a->nact = nact; a->rows = rows; a->num_tokens = num_tokens;
+    a->alpha = alpha;
+    a->silu = silu;
+    a->xg = xg; a->hq = hq; a->gu = gu; a->out = out; a->hbuf = hbuf; a->xs = xs; a->hs = hs; a->xsum = xsum;
+    a->hsum = hsum;
+    a->row_weights = row_weights; a->token_rows = token_rows; a->token_start = token_start; a->out_f32 = out_f32;
+    return W4A8_OK;
+}
+
+/* Items per phase of the routed path (PHASE_GATHER .. PHASE_GMM2) and their chunks. */
+static void moe_totals(const moe_args *a, int64_t total[4]) {
+    total[PHASE_GATHER] = a->rows;
+    total[PHASE_GMM1] = a->nact * a->nb1;
+    total[PHASE_SWIGLU] = a->rows;
+    total[PHASE_GMM2] = a->nact * a->nb2;
+}
 #endif
 
 /*
@@ -876,55 +965,25 @@ int w4a8_moe_forward(const uint8_t *w13, const float *w13_scale, const uint8_t *
     (void)token_start; (void)out_f32; (void)nthreads;
     return W4A8_ERR_NO_SIMD;
 #else
-    if (offsets[0] != 0) return W4A8_ERR_OFFSETS;
-    for (int64_t e = 0; e < num_experts; e++)
-        if (offsets[e + 1] < offsets[e]) return W4A8_ERR_OFFSETS;
-    const int64_t rows = offsets[num_experts];
-    for (int64_t r = 0; r < rows; r++)
-        if (token_ids[r] < 0 || token_ids[r] >= num_tokens) return W4A8_ERR_TOKEN_ID;
-    if (out_f32) {
-        /* Each token's rows in increasing r: a counting sort by token, O(R + M). */
-        for (int64_t t = 0; t <= num_tokens; t++) token_start[t] = 0;
-        for (int64_t r = 0; r < rows; r++) token_start[token_ids[r] + 1]++;
-        for (int64_t t = 0; t < num_tokens; t++) token_start[t + 1] += token_start[t];
-        for (int64_t r = 0; r < rows; r++) token_rows[token_start[token_ids[r]]++] = r;
-        for (int64_t t = num_tokens; t > 0; t--) token_start[t] = token_start[t - 1];
-        token_start[0] = 0;
-    }
-    if (rows == 0) {
+    moe_args a;
+    int64_t *active;
+    const int status = moe_setup(&a, &active, w13, w13_scale, w2, w2_scale, num_experts, hidden, inter, x_q,
+                                 x_scale, num_tokens, token_ids, offsets, alpha,
+                                 (silu_code){silu_vec, silu_scalar, vec_block, torch_threads, grain}, xg, gu, hq,
+                                 hbuf, xsum, hsum, xs, hs, out, row_weights, out_f32 ? token_rows : NULL,
+                                 token_start, out_f32);
+    if (status != W4A8_OK) return status;
+    if (a.rows == 0) {
+        free(active);
         if (out_f32) memset(out_f32, 0, (size_t)(num_tokens * hidden) * sizeof(float));
         return W4A8_OK;
     }
-
-    /* Work items over experts that have rows; an empty expert costs nothing. */
-    int64_t *active = (int64_t *)malloc((size_t)num_experts * sizeof(int64_t));
-    if (!active) return W4A8_ERR_NO_MEMORY;
-    int64_t nact = 0;
-    for (int64_t e = 0; e < num_experts; e++)
-        if (offsets[e + 1] > offsets[e]) active[nact++] = e;
-
-    moe_args a;
-    a.w13 = w13; a.w2 = w2; a.w13_scale = w13_scale; a.w2_scale = w2_scale;
-    a.num_experts = num_experts; a.hidden = hidden; a.inter = inter;
-    a.n1 = 2 * inter; a.hp = round_up(hidden, 4); a.ip = round_up(inter, 4);
-    a.kq1 = a.hp / 4; a.kq2 = a.ip / 4;
-    a.nb1 = round_up(a.n1, NBLOCK) / NBLOCK; a.nb2 = round_up(hidden, NBLOCK) / NBLOCK;
-    a.w13_stride = a.nb1 * a.kq1 * LINE; a.w2_stride = a.nb2 * a.kq2 * LINE;
-    a.x_q = x_q; a.x_scale = x_scale; a.token_ids = token_ids; a.offsets = offsets; a.active = active;
-    a.alpha = alpha;
-    a.silu = (silu_code){silu_vec, silu_scalar, vec_block, torch_threads, grain};
-    a.xg = xg; a.hq = hq; a.gu = gu; a.out = out; a.hbuf = hbuf; a.xs = xs; a.hs = hs; a.xsum = xsum; a.hsum = hsum;
-    a.row_weights = row_weights; a.token_rows = token_rows; a.token_start = token_start; a.out_f32 = out_f32;
-
     pool_job job = {.nphases = out_f32 ? 5 : 4, .run = moe_phase, .args = &a};
-    job.total[PHASE_GATHER] = rows;
-    job.chunk[PHASE_GATHER] = chunk_for(rows, nthreads, 2);
-    job.total[PHASE_GMM1] = nact * a.nb1;
+    moe_totals(&a, job.total);
+    job.chunk[PHASE_GATHER] = chunk_for(a.rows, nthreads, 2);
     /* Chunks of consecutive blocks keep each thread's weight stream long and sequential. */
     job.chunk[PHASE_GMM1] = chunk_for(job.total[PHASE_GMM1], nthreads, 32);
-    job.total[PHASE_SWIGLU] = rows;
-    job.chunk[PHASE_SWIGLU] = chunk_for(rows, nthreads, 4);
-    job.total[PHASE_GMM2] = nact * a.nb2;
+    job.chunk[PHASE_SWIGLU] = chunk_for(a.rows, nthreads, 4);
     job.chunk[PHASE_GMM2] = chunk_for(job.total[PHASE_GMM2], nthreads, 32);
     job.total[PHASE_COMBINE] = num_tokens;
     job.chunk[PHASE_COMBINE] = chunk_for(num_tokens, nthreads, 4);
@@ -1059,8 +1118,8 @@ typedef struct {
 enum { GATED_PAD, GATED_GMM1, GATED_ACT, GATED_GMM2 };
 
 #if W4A8_ISA != 0
-static void gated_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
-    gated_args *a = (gated_args *)job->args;
+/* Items [begin, end) of phase `phase` of the gated MLP (w4a8_gated_mlp_int8, w4a8_moe_block). */
+static void gated_items(gated_args *a, int phase, int64_t begin, int64_t end, int participant) {
     if (phase == GATED_PAD) {
         gemm_pad_rows(&a->gate_up, begin, end);
     } else if (phase == GATED_GMM1) {
@@ -1084,6 +1143,31 @@ static void gated_phase(const pool_job *job, int phase, int64_t begin, int64_t e
             a->hsum[r] = copy_row_padded(q, a->inter, q, a->ip); /* in place: the sum and the zero pad */
         }
     }
+}
+
+static void gated_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    gated_items((gated_args *)job->args, phase, begin, end, participant);
+}
+
+/* The arguments of one gated MLP call (see w4a8_gated_mlp_int8 for the buffers). */
+static gated_args gated_setup(const uint8_t *w13, const float *w13_scale, const uint8_t *w2, const float *w2_scale,
+                              int64_t k, int64_t inter, int64_t n2, const int8_t *x_q, const float *x_scale,
+                              int64_t m, silu_code silu, int8_t *xp, int32_t *xsum, uint16_t *gu, int8_t *hq,
+                              float *hs, int32_t *hsum, float *hbuf, uint16_t *hb, uint16_t *out) {
+    const int64_t ip = round_up(inter, 4);
+    gated_args a = {
+        {w13, 2 * inter, k, round_up(k, 4) / 4, m, x_q, k, xp, xsum, x_scale, w13_scale, NULL, gu, 1},
+        {w2, n2, inter, ip / 4, m, NULL, 0, hq, hsum, hs, w2_scale, NULL, out, 1},
+        m, inter, ip, silu, hq, hsum, gu, hb, hbuf, hs, 0};
+    return a;
+}
+
+/* Items per phase of the gated MLP (GATED_PAD .. GATED_GMM2). */
+static void gated_totals(const gated_args *a, int64_t total[4]) {
+    total[GATED_PAD] = a->m;
+    total[GATED_GMM1] = round_up(a->gate_up.n, NBLOCK) / NBLOCK;
+    total[GATED_ACT] = a->m;
+    total[GATED_GMM2] = round_up(a->down.n, NBLOCK) / NBLOCK;
 }
 #endif
 
@@ -1112,23 +1196,149 @@ int w4a8_gated_mlp_int8(const uint8_t *w13, const float *w13_scale, const uint8_
     return W4A8_ERR_NO_SIMD;
 #else
     if (m == 0) return W4A8_OK;
-    const int64_t ip = round_up(inter, 4);
-    gated_args a = {
-        {w13, 2 * inter, k, round_up(k, 4) / 4, m, x_q, k, xp, xsum, x_scale, w13_scale, NULL, gu, 1},
-        {w2, n2, inter, ip / 4, m, NULL, 0, hq, hsum, hs, w2_scale, NULL, out, 1},
-        m, inter, ip, {silu_vec, silu_scalar, vec_block, torch_threads, grain}, hq, hsum, gu, hb, hbuf, hs, 0};
-    const int64_t nb1 = round_up(2 * inter, NBLOCK) / NBLOCK, nb2 = round_up(n2, NBLOCK) / NBLOCK;
+    gated_args a = gated_setup(w13, w13_scale, w2, w2_scale, k, inter, n2, x_q, x_scale, m,
+                               (silu_code){silu_vec, silu_scalar, vec_block, torch_threads, grain}, xp, xsum, gu, hq,
+                               hs, hsum, hbuf, hb, out);
     pool_job job = {.nphases = 4, .run = gated_phase, .args = &a};
-    job.total[GATED_PAD] = m;
+    gated_totals(&a, job.total);
     job.chunk[GATED_PAD] = chunk_for(m, nthreads, 2);
-    job.total[GATED_GMM1] = nb1;
-    job.chunk[GATED_GMM1] = chunk_for(nb1, nthreads, 8);
-    job.total[GATED_ACT] = m;
+    job.chunk[GATED_GMM1] = chunk_for(job.total[GATED_GMM1], nthreads, 8);
     job.chunk[GATED_ACT] = chunk_for(m, nthreads, 4);
-    job.total[GATED_GMM2] = nb2;
-    job.chunk[GATED_GMM2] = chunk_for(nb2, nthreads, 8);
+    job.chunk[GATED_GMM2] = chunk_for(job.total[GATED_GMM2], nthreads, 8);
     pool_submit(&job, nthreads);
     return atomic_load(&a.nonfinite);
+#endif
+}
+
+/* ---- the whole MoE block: routed experts and shared expert in one job -------------- */
+
+typedef struct {
+    quant_args quant;  /* the block input's per-token quantization */
+    moe_args routed;
+    gated_args shared;
+    int has_shared;
+    int64_t split[4];  /* phases 1-4: the routed items [0, split), then the shared expert's */
+    float scaling;
+    float *rowbuf;     /* [nthreads, hidden] fp32 */
+    uint16_t *out;     /* [M, hidden] bf16 */
+} block_args;
+
+enum { BLOCK_QUANT, BLOCK_COMBINE = 5, BLOCK_PHASES };
+
+int w4a8_sort_rows(const int64_t *ids, int64_t n, int64_t k, int64_t e, const float *weights, int64_t *order,
+                   int64_t *token_ids, int64_t *offsets, float *row_weights);
+
+#if W4A8_ISA != 0
+/* out[t] = bf16(combine(t) * scaling + float(shared[t])): torch's out.mul_(scaling), then
+ * .add_(shared.float()), then .to(bfloat16), one fp32 rounding each (no FMA in this build). */
+static void block_token(const block_args *a, int64_t t, int participant) {
+    const moe_args *r = &a->routed;
+    const int64_t hidden = r->hidden;
+    float *o = a->rowbuf + (int64_t)participant * hidden;
+    combine_token(r->out, hidden, r->row_weights, r->token_rows + r->token_start[t],
+                  r->token_start[t + 1] - r->token_start[t], o);
+    const uint16_t *sh = a->has_shared ? a->shared.down.out_bf16 + t * hidden : NULL;
+    uint16_t *dst = a->out + t * hidden;
+    for (int64_t j = 0; j < hidden; j++) {
+        float v = o[j] * a->scaling;
+        if (sh) v = v + bf16_to_f32(sh[j]);
+        dst[j] = f32_to_bf16(v);
+    }
+}
+
+static void block_phase(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    block_args *a = (block_args *)job->args;
+    if (phase == BLOCK_QUANT) {
+        quant_args *q = &a->quant;
+        for (int64_t t = begin; t < end; t++)
+            if (quant_row((const uint16_t *)q->x + t * q->ldx, 1, q->k, q->q + t * q->k, q->scale + t))
+                atomic_store(&q->nonfinite, 1);
+    } else if (phase == BLOCK_COMBINE) {
+        for (int64_t t = begin; t < end; t++) block_token(a, t, participant);
+    } else {
+        /* The routed experts' and the shared expert's phases run as one: the threads go from
+         * one weight stream to the next without waiting for each other in between. */
+        const int p = phase - 1;
+        const int64_t split = a->split[p];
+        if (begin < split) moe_items(&a->routed, p, begin, end < split ? end : split, participant);
+        if (end > split) gated_items(&a->shared, p, (begin > split ? begin : split) - split, end - split, participant);
+    }
+}
+#endif
+
+/*
+ * One MoE block on bf16 x [M, H]: out [M, H] bf16 = bf16(routed * scaling + shared), where
+ *   - x is quantized per token (w4a8_quant_rows) into xq [M, H], xscale [M];
+ *   - the routed rows, topk_ids / topk_weights [M, top_k], are sorted by expert
+ *     (w4a8_sort_rows into order, token_ids, row_weights [M * top_k], offsets [E + 1]);
+ *   - routed is the combined expert path of w4a8_moe_forward (its weights, alpha and scratch
+ *     xg .. token_start; rowbuf [nthreads, H] fp32 instead of its out_f32);
+ *   - shared, when sw13 is not NULL, is w4a8_gated_mlp_int8 of the same xq (intermediate size
+ *     s_inter, output H; its scratch sxp .. shb and its bf16 output sout [M, H]).
+ * The quantization, the routed and shared phases and the sum share one parallel region, the
+ * routed and shared work of each phase claimed from one range. Returns 1 when a row of x or of
+ * the shared expert's activation is not finite (out is then not valid: the caller runs torch).
+ */
+int w4a8_moe_block(const uint8_t *w13, const float *w13_scale, const uint8_t *w2, const float *w2_scale,
+                   const float *alpha, int64_t num_experts, int64_t hidden, int64_t inter, const uint8_t *sw13,
+                   const float *sw13_scale, const uint8_t *sw2, const float *sw2_scale, int64_t s_inter,
+                   float scaling, const float *silu_vec, const float *silu_scalar, int64_t vec_block,
+                   int64_t grain, const uint16_t *x, int64_t m, const float *topk_weights, const int64_t *topk_ids,
+                   int64_t top_k, int64_t torch_threads, int8_t *xq, float *xscale, int64_t *order,
+                   int64_t *token_ids, int64_t *offsets, float *row_weights, int8_t *xg, uint16_t *gu, int8_t *hq,
+                   float *hbuf, int32_t *xsum, int32_t *hsum, float *xs, float *hs, uint16_t *rows_out,
+                   int64_t *token_rows, int64_t *token_start, float *rowbuf, int8_t *sxp, int32_t *sxsum,
+                   uint16_t *sgu, int8_t *shq, float *shs, int32_t *shsum, float *shbuf, uint16_t *shb,
+                   uint16_t *sout, uint16_t *out, int nthreads) {
+#if W4A8_ISA == 0
+    (void)w13; (void)w13_scale; (void)w2; (void)w2_scale; (void)alpha; (void)num_experts; (void)hidden;
+    (void)inter; (void)sw13; (void)sw13_scale; (void)sw2; (void)sw2_scale; (void)s_inter; (void)scaling;
+    (void)silu_vec; (void)silu_scalar; (void)vec_block; (void)grain; (void)x; (void)m; (void)topk_weights;
+    (void)topk_ids; (void)top_k; (void)torch_threads; (void)xq; (void)xscale; (void)order; (void)token_ids;
+    (void)offsets; (void)row_weights; (void)xg; (void)gu; (void)hq; (void)hbuf; (void)xsum; (void)hsum; (void)xs;
+    (void)hs; (void)rows_out; (void)token_rows; (void)token_start; (void)rowbuf; (void)sxp; (void)sxsum;
+    (void)sgu; (void)shq; (void)shs; (void)shsum; (void)shbuf; (void)shb; (void)sout; (void)out; (void)nthreads;
+    return W4A8_ERR_NO_SIMD;
+#else
+    if (m == 0) return W4A8_OK;
+    int status = w4a8_sort_rows(topk_ids, m * top_k, top_k, num_experts, topk_weights, order, token_ids, offsets,
+                                row_weights);
+    if (status != W4A8_OK) return status;
+    block_args a;
+    a.quant = (quant_args){x, hidden, hidden, 1, xq, xscale, 0};
+    int64_t *active;
+    const silu_code silu = {silu_vec, silu_scalar, vec_block, torch_threads, grain};
+    status = moe_setup(&a.routed, &active, w13, w13_scale, w2, w2_scale, num_experts, hidden, inter, xq, xscale, m,
+                       token_ids, offsets, alpha, silu, xg, gu, hq, hbuf, xsum, hsum, xs, hs, rows_out, row_weights,
+                       token_rows, token_start, NULL);
+    if (status != W4A8_OK) return status;
+    a.has_shared = sw13 != NULL;
+    if (a.has_shared)
+        a.shared = gated_setup(sw13, sw13_scale, sw2, sw2_scale, hidden, s_inter, hidden, xq, xscale, m, silu, sxp,
+                               sxsum, sgu, shq, shs, shsum, shbuf, shb, sout);
+    atomic_store(&a.shared.nonfinite, 0);
+    a.scaling = scaling;
+    a.rowbuf = rowbuf;
+    a.out = out;
+    int64_t routed_items[4], shared_items[4] = {0, 0, 0, 0};
+    moe_totals(&a.routed, routed_items);
+    if (a.has_shared) gated_totals(&a.shared, shared_items);
+    pool_job job = {.nphases = BLOCK_PHASES, .run = block_phase, .args = &a};
+    job.total[BLOCK_QUANT] = m;
+    job.chunk[BLOCK_QUANT] = chunk_for(m, nthreads, 4);
+    /* The smallest chunk (claim_chunk hands out larger ones first): a quarter of a thread's
+     * rows, or a 256th of its weight blocks. */
+    static const int64_t per_thread[4] = {2, 256, 4, 256};
+    for (int p = 0; p < 4; p++) {
+        a.split[p] = routed_items[p];
+        job.total[p + 1] = routed_items[p] + shared_items[p];
+        job.chunk[p + 1] = chunk_for(job.total[p + 1], nthreads, per_thread[p]);
+    }
+    job.total[BLOCK_COMBINE] = m;
+    job.chunk[BLOCK_COMBINE] = chunk_for(m, nthreads, 4);
+    pool_submit(&job, nthreads);
+    free(active);
+    return (atomic_load(&a.quant.nonfinite) || (a.has_shared && atomic_load(&a.shared.nonfinite))) ? 1 : W4A8_OK;
 #endif
 }
 
