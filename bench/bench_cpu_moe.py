@@ -63,18 +63,22 @@ GIB = 1024**3
 
 def probe_dram_read(kernel, size_bytes: int, repeats: int) -> dict[str, float]:
     """Best GB/s reading a ``size_bytes`` buffer: the C probe (1 and all threads, with and
-    without software prefetch) and a torch reduction."""
+    without software prefetch; on ordinary pages and, ``-huge``, on the transparent huge pages
+    the kernel's weights live on) and a torch reduction."""
     buf = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)
+    huge = random_weight_buffer(size_bytes)
     threads = torch.get_num_threads()
     results: dict[str, float] = {}
-    for label, nthreads, prefetch in (("c-1thr", 1, 0), ("c-1thr-prefetch", 1, 1),
-                                      (f"c-{threads}thr", threads, 0), (f"c-{threads}thr-prefetch", threads, 1)):
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            kernel.lib.w4a8_probe_read(buf.data_ptr(), size_bytes, prefetch, nthreads)
-            best = min(best, time.perf_counter() - start)
-        results[label] = size_bytes / best / 1e9
+    for pages, target in (("", buf), ("-huge", huge)):
+        for label, nthreads, prefetch in (("c-1thr", 1, 0), ("c-1thr-prefetch", 1, 1),
+                                          (f"c-{threads}thr", threads, 0), (f"c-{threads}thr-prefetch", threads, 1)):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                kernel.lib.w4a8_probe_read(target.data_ptr(), size_bytes, prefetch, nthreads)
+                best = min(best, time.perf_counter() - start)
+            results[label + pages] = size_bytes / best / 1e9
+    del huge
     as_int64 = buf.view(torch.int64)
     best = float("inf")
     for _ in range(repeats):
@@ -86,11 +90,20 @@ def probe_dram_read(kernel, size_bytes: int, repeats: int) -> dict[str, float]:
     return results
 
 
-def best_read_variant(dram: dict[str, float]) -> tuple[int, int]:
-    """``(prefetch, threads)`` of the C read probe's fastest variant in ``dram`` (labels
-    ``c-<n>thr`` and ``c-<n>thr-prefetch`` of :func:`probe_dram_read`)."""
+def random_weight_buffer(nbytes: int) -> torch.Tensor:
+    """Random bytes in the kind of memory the kernel's weights live in
+    (:func:`w4a8moe.kernels.cpu.weight_buffer`: transparent huge pages where the OS has them),
+    so that a probe over it times the same pages the kernel streams."""
+    from w4a8moe.kernels.cpu import weight_buffer
+
+    return weight_buffer(nbytes).random_(0, 256)
+
+
+def best_read_variant(dram: dict[str, float]) -> tuple[int, int, bool]:
+    """``(prefetch, threads, huge pages)`` of the C read probe's fastest variant in ``dram``
+    (labels ``c-<n>thr[-prefetch][-huge]`` of :func:`probe_dram_read`)."""
     label = max((k for k in dram if k.startswith("c-")), key=lambda k: dram[k])
-    return int(label.endswith("-prefetch")), int(label.split("-")[1].removesuffix("thr"))
+    return int("-prefetch" in label), int(label.split("-")[1].removesuffix("thr")), label.endswith("-huge")
 
 
 def probe_int8_dot(kernel, repeats: int) -> dict[str, float]:
@@ -333,11 +346,14 @@ class PairedProbe:
     """The C read probe over ``nbytes`` of a window that moves through a 1 GiB+ buffer (never
     in the cache), to time the bandwidth floor of one block call at the moment it ran: the
     VM's DRAM bandwidth moves by a third from minute to minute, a probe minutes before the
-    calls does not say what the calls could have reached."""
+    calls does not say what the calls could have reached. ``huge``: the buffer on transparent
+    huge pages (where the weights are) rather than ordinary ones; the caller picks whichever
+    read faster at the start, so the floor is the stricter one."""
 
-    def __init__(self, kernel, nbytes: int, prefetch: int, threads: int):
+    def __init__(self, kernel, nbytes: int, prefetch: int, threads: int, huge: bool = False):
         self.kernel, self.nbytes, self.prefetch, self.threads = kernel, nbytes, prefetch, threads
-        self.buf = torch.randint(0, 256, (max(GIB + 256 * 1024**2, 4 * nbytes),), dtype=torch.uint8)
+        size = max(GIB + 256 * 1024**2, 4 * nbytes)
+        self.buf = random_weight_buffer(size) if huge else torch.randint(0, 256, (size,), dtype=torch.uint8)
         self.offset = 0
 
     def seconds(self) -> float:
@@ -429,10 +445,10 @@ def print_block_runs(runs: dict[int, BlockRun], dram_bw: float) -> None:
 
 
 def run_block_section(layer: W4A8MoE, dram_bw: float, quick: bool, kernel=None,
-                      probe_variant: tuple[int, int] | None = None) -> dict[int, BlockRun]:
+                      probe_variant: tuple[int, int, bool] | None = None) -> dict[int, BlockRun]:
     """The interleaved-block measurement at M=1 and M=512 (its own torch work, freed after);
-    with ``kernel`` and ``probe_variant`` (prefetch, threads: the probe's best) the M=1 calls
-    are paired with probe reads of their bytes."""
+    with ``kernel`` and ``probe_variant`` (prefetch, threads, huge pages: the probe's best)
+    the M=1 calls are paired with probe reads of their bytes."""
     work = DecoderTorchWork(seed=11)
     print(f"\ndecoder torch work: {work.weight_bytes() / 1e6:.0f} MB of bf16 attention weights, "
           f"{work.k_cache.shape[2] - 1} cached positions at decode", flush=True)

@@ -738,6 +738,167 @@ def test_gated_mlp_in_one_call_rejects_mismatched_projections(native):
         native.gated_mlp_int8(gate_up, prepare(_w8a8_projections([(32, 48)], 1)[0]), x_q[:, :60], x_scale)
 
 
+# ---- the whole MoE block in one call ---------------------------------------------------------
+
+
+def _block_definition(weights, x, topk_weights, ids, alpha, scaling, shared) -> torch.Tensor:
+    """The block by its definition: torch's quantization and sort, the reference backend's
+    combined expert path, the W8A8 shared expert by w8a8_linear and silu_and_mul, and the
+    sum as W4A8MoE.forward forms it (fp32, then bf16). No native code."""
+    from w4a8moe.moe.routing import sort_rows_by_expert
+
+    e = weights.w13.shape[0]
+    x_q, x_scale = dynamic_quant_per_token(x)
+    rows = sort_rows_by_expert(ids, e, topk_weights)
+    reference = ReferenceBackend()
+    out = reference.combined_forward(reference.prepare(weights), x_q, x_scale, rows.token_ids, rows.offsets, alpha,
+                                     rows.row_weights).mul_(scaling)
+    if shared is not None:
+        gate, up, down = shared
+        out.add_(w8a8_linear(silu_and_mul(w8a8_linear(x, *gate), w8a8_linear(x, *up)), *down).to(torch.float32))
+    return out.to(torch.bfloat16)
+
+
+def _block_call(be, weights, x, topk_weights, ids, alpha, scaling, shared):
+    projections = None
+    if shared is not None:
+        gate, up, down = shared
+        projections = (be.prepare_int8_linear(torch.cat((gate[0], up[0])), torch.cat((gate[1], up[1]))),
+                       be.prepare_int8_linear(*down))
+    return be.moe_block(be.prepare(weights), x, topk_weights, ids, alpha, scaling, projections)
+
+
+@pytest.mark.parametrize(
+    "e,h,inter,m,top_k,s_inter,scaling",
+    [
+        (5, 96, 40, 13, 3, 24, 2.5),
+        (7, 70, 33, 1, 1, 17, 2.826),      # M = 1, odd sizes, a factor fp32 cannot hold
+        (9, 130, 17, 31, 5, None, 1.0),    # no shared expert
+        (4, 32, 2, 6, 4, 3, 16.0 / 7),     # every expert gets every token; tiny I
+        (16, 64, 64, 3, 2, 64, 1.0 / 3),   # most experts empty
+        (6, 256, 128, 70, 6, 96, -0.75),   # more tokens than a register tile, a negative factor
+    ],
+)
+def test_moe_block_in_one_call_is_its_parts(backend, e, h, inter, m, top_k, s_inter, scaling):
+    weights = _random_experts(e, h, inter, seed=e + h + m)
+    x = adversarial_rows(m, h, seed=m + 7)
+    x[5::8] = torch.randn(x[5::8].shape)  # 1e30 rows overflow the shared activation: tested below
+    x = x.to(torch.bfloat16)
+    ids = _random_ids(m, e, top_k, seed=m + 2)
+    g = torch.Generator().manual_seed(m)
+    topk_weights = torch.rand(m, top_k, generator=g)
+    alpha = torch.linspace(0.2, 1.0, e)
+    shared = None if s_inter is None else _w8a8_projections([(s_inter, h), (s_inter, h), (h, s_inter)], seed=m)
+    expect = _block_definition(weights, x, topk_weights, ids, alpha, scaling, shared)
+    saved = torch.get_num_threads()
+    try:
+        # torch's silu runs part of a row in its scalar code depending on its thread count.
+        for threads in sorted({1, saved}):
+            torch.set_num_threads(threads)
+            got = _block_call(backend, weights, x, topk_weights, ids, alpha, scaling, shared)
+            assert got is not None and got.shape == (m, h) and got.dtype == torch.bfloat16
+            _assert_bitwise(got, expect)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_moe_block_in_one_call_at_deepseek_v3_shapes(native):
+    # The real widths (H = 7168, I = 2048), where each phase is thousands of weight blocks.
+    e, h, inter = 4, 7168, 2048
+    weights = _random_experts(e, h, inter, seed=3)
+    x = (torch.randn(3, h) * 0.5).to(torch.bfloat16)
+    ids = torch.tensor([[0, 2], [3, 2], [1, 0]])
+    topk_weights = torch.rand(3, 2)
+    shared = _w8a8_projections([(inter, h), (inter, h), (h, inter)], seed=4)
+    alpha = torch.tensor([0.9, 0.5, 1.0, 0.7])
+    _assert_bitwise(_block_call(native, weights, x, topk_weights, ids, alpha, 2.5, shared),
+                    _block_definition(weights, x, topk_weights, ids, alpha, 2.5, shared))
+
+
+def test_moe_block_hands_non_finite_rows_to_torch(native):
+    e, h, inter = 4, 64, 32
+    weights = _random_experts(e, h, inter, seed=2)
+    ids, topk_weights, alpha = _random_ids(4, e, 2, seed=1), torch.rand(4, 2), torch.ones(e)
+    shared = _w8a8_projections([(48, h), (48, h), (h, 48)], seed=3)
+    x = torch.randn(4, h).to(torch.bfloat16)
+    x[1, 3] = float("inf")  # an input row torch quantizes its own way
+    assert _block_call(native, weights, x, topk_weights, ids, alpha, 1.0, shared) is None
+    x = torch.randn(4, h)
+    x[2] = 1e30
+    shared[0][1].fill_(1e30)
+    shared[1][1].fill_(1e30)  # silu(g) * u overflows to inf in row 2
+    assert _block_call(native, weights, x.to(torch.bfloat16), topk_weights, ids, alpha, 1.0, shared) is None
+
+
+def test_moe_block_rejects_bad_input(native):
+    e, h, inter = 3, 32, 8
+    weights = _random_experts(e, h, inter, seed=1)
+    x = torch.randn(2, h).to(torch.bfloat16)
+    ones = torch.ones(2, 2)
+    with pytest.raises(cpu_mod.KernelCallError):
+        _block_call(native, weights, x, ones, torch.tensor([[0, 3], [1, 2]]), torch.ones(e), 1.0, None)
+    with pytest.raises(ValueError, match="x must be bf16"):
+        _block_call(native, weights, x.float(), ones, torch.tensor([[0, 1], [1, 2]]), torch.ones(e), 1.0, None)
+    with pytest.raises(ValueError, match="topk_ids"):
+        _block_call(native, weights, x, ones[:, :1], torch.tensor([[0, 1], [1, 2]]), torch.ones(e), 1.0, None)
+    with pytest.raises(ValueError, match="shared expert"):
+        _block_call(native, weights, x, ones, torch.tensor([[0, 1], [1, 2]]), torch.ones(e), 1.0,
+                    _w8a8_projections([(8, h), (8, h), (h + 1, 8)], seed=2))
+    empty = _block_call(native, weights, x[:0], ones[:0], torch.zeros(0, 2, dtype=torch.int64), torch.ones(e), 1.0,
+                        None)
+    assert empty.shape == (0, h)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen2_moe"])
+def test_layer_runs_the_block_in_one_call_with_the_bits_of_its_parts(native, model_type, monkeypatch):
+    # W4A8MoE.forward takes the one call where the shared expert allows it (DeepSeek's W8A8 one;
+    # not Qwen2-MoE's gated one) and gives the bits of the separate calls either way.
+    cfg = tiny_config(model_type)
+    mc = MoEModelConfig.from_dict(cfg)
+    layer_q = quantize_moe_layer(random_float_moe_layer(cfg, seed=4, alpha=torch.linspace(0.3, 1.0, mc.num_experts)))
+    routing = type(mc.routing)(**{**mc.routing.__dict__, "routed_scaling_factor": 2.826})
+    layer = W4A8MoE.from_quantized(layer_q, routing, backend="cpu")
+    calls = []
+    one_call = native.moe_block.__func__
+    monkeypatch.setattr(cpu_mod.CpuBackend, "moe_block", lambda self, *a: calls.append(1) or one_call(self, *a))
+    x = (torch.randn(9, mc.hidden_size) * 2).to(torch.bfloat16)
+    x[0, 5] = 90.0
+    got = layer(x)
+    fused = model_type == "deepseek_v3"
+    assert len(calls) == (1 if fused else 0)
+    monkeypatch.setattr(cpu_mod.CpuBackend, "moe_block", None)
+    _assert_bitwise(got, layer(x))
+    ref_layer = W4A8MoE.from_quantized(layer_q, routing, backend="reference")
+    _assert_bitwise(got, ref_layer(x))
+
+
+def test_weight_buffers_are_aligned_huge_page_mappings():
+    small = cpu_mod.weight_buffer(1000)
+    assert small.numel() == 1000 and small.dtype == torch.uint8
+    big = cpu_mod.weight_buffer(5 * cpu_mod.HUGE_PAGE + 12345)
+    assert big.numel() == 5 * cpu_mod.HUGE_PAGE + 12345 and big.is_contiguous()
+    if not hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        return
+    assert big.data_ptr() % cpu_mod.HUGE_PAGE == 0
+    big.fill_(3)
+    import gc
+
+    gc.collect()  # the tensor alone keeps its mapping
+    assert int(big[-1]) == 3 and int(big.sum()) == 3 * big.numel()
+    # The mapping holding it asks for huge pages (VmFlags "hg"), whatever the OS then gives.
+    address, flags = big.data_ptr(), None
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+    assert flags is not None and "hg" in flags
+
+
 # ---- the clip search's products: int_matmul and the fused int4 weight operand ----------------
 
 
