@@ -260,16 +260,20 @@ def _adversarial_cases():
     return cases
 
 
+@pytest.mark.parametrize("int_mm", [False, True], ids=["kernel", "int_mm"])
 @pytest.mark.parametrize("case", _adversarial_cases(), ids=lambda c: c[0])
-def test_native_products_give_the_float64_products_clips(case):
-    """The kernel's int8 GEMM (and its fused weight quantization) against the float64 matmul of
-    the reference backend: the same clips, alpha, errors and GPTQ values, bit for bit."""
+def test_native_products_give_the_float64_products_clips(case, int_mm):
+    """The kernel's int8 GEMM (and its fused weight quantization), or torch._int_mm on the
+    kernel's row-major quantization (the path on AMX CPUs), against the float64 matmul of the
+    reference backend: the same clips, alpha, errors and GPTQ values, bit for bit."""
     from w4a8moe.calibrate.products import IntProducts
     from w4a8moe.kernels.reference import ReferenceBackend
 
     _, x, w, settings = case
+    native = _native_or_skip()
+    native.int_mm_products = int_mm
     slow = learn_expert_clips(x, w, settings, products=IntProducts(ReferenceBackend()))
-    fast = learn_expert_clips(x, w, settings, products=IntProducts(_native_or_skip()))
+    fast = learn_expert_clips(x, w, settings, products=IntProducts(native))
     _assert_same_clips(slow, fast)
 
 

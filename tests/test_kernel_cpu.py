@@ -904,7 +904,9 @@ def test_weight_buffers_are_aligned_huge_page_mappings():
 
 @pytest.mark.parametrize("n,k,m", [(64, 256, 8), (33, 70, 13), (1, 1, 1), (5, 7, 3), (48, 130, 0), (0, 9, 4),
                                    (7, 0, 2), (130, 1031, 37)])
-def test_int_matmul_is_exact(backend, n, k, m):
+@pytest.mark.parametrize("int_mm", [False, True], ids=["kernel", "int_mm"])
+def test_int_matmul_is_exact(backend, n, k, m, int_mm):
+    backend.int_mm_products = int_mm
     g = torch.Generator().manual_seed(n * 31 + k + m)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
@@ -942,14 +944,19 @@ def _weights_for_int4_operand(n: int, k: int, seed: int) -> tuple[torch.Tensor, 
     return w, scale
 
 
+@pytest.mark.parametrize("int_mm", [False, True], ids=["kernel", "int_mm"])
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (33, 70), (64, 256), (40, 1031), (2048 // 16, 96)])
-def test_quantize_int4_operand_is_quantize_with_scale(backend, n, k):
+def test_quantize_int4_operand_is_quantize_with_scale(backend, n, k, int_mm):
     from w4a8moe.quant import quantize_with_scale
 
+    backend.int_mm_products = int_mm  # torch._int_mm on row-major values (AMX CPUs), or the kernel
     w, scale = _weights_for_int4_operand(n, k, seed=n + k)
     q = quantize_with_scale(w, scale, 7)
     operand = backend.quantize_int4_operand(w, scale)
-    assert operand.layout.numel() == backend.kernel.lib.w4a8_layout_bytes(n, k)  # 4 bits per weight
+    if int_mm:
+        assert operand.layout is None and torch.equal(operand.values, q)
+    else:
+        assert operand.layout.numel() == backend.kernel.lib.w4a8_layout_bytes(n, k)  # 4 bits per weight
     # The identity as input reads the values back exactly: acc[j, c] = q[c, j].
     eye = torch.eye(k, dtype=torch.int8)
     assert torch.equal(backend.operand_int_matmul(eye, operand), q.T.to(torch.int32))
@@ -957,7 +964,7 @@ def test_quantize_int4_operand_is_quantize_with_scale(backend, n, k):
     x = torch.randint(-128, 128, (19, k), dtype=torch.int8, generator=g)
     assert torch.equal(backend.operand_int_matmul(x, operand), int8_matmul_int32(x, q))
     # The same values the SPEC-4 packing and the kernel's own re-layout give.
-    if n % 2 == 0:
+    if n % 2 == 0 and not int_mm:
         assert torch.equal(operand.layout, backend.relayout(pack_int4_pairs(q)))
 
 

@@ -242,14 +242,18 @@ def _grid_search(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor
     """
     ref64 = reference.to(torch.float64)
     errors = []
+    spare = None  # the last grid point's operand where nothing keeps it: its memory is written over
     for i, g in enumerate(grid):
         operand = operands.get(i) if operands is not None else None
+        kept = operand is not None
         if operand is None:
-            operand = products.weight_operand(w, per_channel_scale(amax, INT4_MAX, g))
+            operand = products.weight_operand(w, per_channel_scale(amax, INT4_MAX, g), reuse=spare)
             if operands is not None and (keep is None or i in keep):
                 operands[i] = operand
+                kept = True
         # ((y - ref) ** 2).sum(0) with y the fp32 scaled products: the squares in one pass.
         errors.append(products.squared_errors(x_q, x_scale, operand, ref64, torch.float32).sum(dim=0))
+        spare = None if kept else operand
     err = torch.stack(errors)  # [G, N]
     best = torch.argmin(err, dim=0)  # first minimum: the larger clip on ties
     clip = torch.tensor(grid, dtype=torch.float32, device=err.device)[best]

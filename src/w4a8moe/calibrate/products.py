@@ -55,11 +55,14 @@ class IntProducts:
         """The backend's name (for reports)."""
         return str(getattr(self.backend, "name", type(self.backend).__name__))
 
-    def weight_operand(self, weight: torch.Tensor, scale: torch.Tensor) -> Int4Operand:
+    def weight_operand(self, weight: torch.Tensor, scale: torch.Tensor, reuse: Int4Operand | None = None
+                       ) -> Int4Operand:
         """The int4 values of fp32 ``weight`` ``[N, K]`` under ``scale`` ``[N]`` (those of
-        :func:`w4a8moe.quant.quantize_with_scale`), ready to multiply."""
+        :func:`w4a8moe.quant.quantize_with_scale`), ready to multiply; ``reuse``: an operand no
+        longer needed whose memory the backend may write over."""
         if self._fused:
-            return Int4Operand(self.backend.quantize_int4_operand(weight, scale), scale)
+            spare = reuse.values if reuse is not None and not isinstance(reuse.values, torch.Tensor) else None
+            return Int4Operand(self.backend.quantize_int4_operand(weight, scale, spare), scale)
         return Int4Operand(quantize_with_scale(weight, scale, INT4_MAX), scale)
 
     def values_operand(self, q: torch.Tensor, scale: torch.Tensor) -> Int4Operand:

@@ -63,7 +63,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 7
+#define W4A8_ABI_VERSION 8
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -1589,11 +1589,11 @@ typedef struct {
     uint8_t *rows;      /* NBLOCK * 4 * kq bytes per participant */
 } quant_int4_args;
 
-/* Row c of w quantized and biased by 8 (0..15), zero-padded (8) to 4 * kq columns. */
-static void quant_int4_row(const quant_int4_args *a, int64_t c, uint8_t *dst) {
-    const int64_t kp = 4 * a->kq;
+/* Row c of w quantized, plus `bias` (8: 0..15 for the layout; 0: the signed values), into
+ * dst [width], the columns past k (width > k: the layout's padding) holding the bias. */
+static void quant_int4_row(const quant_int4_args *a, int64_t c, uint8_t *dst, const int bias, const int64_t width) {
     if (c >= a->n) {
-        memset(dst, 8, (size_t)kp);
+        memset(dst, bias, (size_t)width);
         return;
     }
     const float *src = a->w + c * a->k;
@@ -1601,22 +1601,22 @@ static void quant_int4_row(const quant_int4_args *a, int64_t c, uint8_t *dst) {
     int64_t j = 0;
 #if W4A8_ISA >= 1
     const __m256 vs = _mm256_set1_ps(s), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-    const __m256 bias = _mm256_set1_ps(8.0f);
+    const __m256 vbias = _mm256_set1_ps((float)bias);
     for (; j + 8 <= a->k; j += 8) {
         __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + j), vs);
         v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), bias);
-        const __m256i i32 = _mm256_cvtps_epi32(v); /* 1..15: exact */
-        const __m128i i16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-        _mm_storel_epi64((__m128i *)(dst + j), _mm_packus_epi16(i16, i16));
+        v = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vbias);
+        const __m256i i32 = _mm256_cvtps_epi32(v); /* -8..15: exact, and no pack saturates */
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(dst + j), _mm_packs_epi16(i16, i16));
     }
 #endif
     for (; j < a->k; j++) {
         float v = nearbyintf(src[j] / s);
         v = v < lo ? lo : (v > hi ? hi : v);
-        dst[j] = (uint8_t)(int)(v + 8.0f);
+        dst[j] = (uint8_t)(int8_t)(int)(v + (float)bias);
     }
-    for (; j < kp; j++) dst[j] = 8;
+    for (; j < width; j++) dst[j] = (uint8_t)bias;
 }
 
 static void quant_int4_blocks(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
@@ -1625,7 +1625,7 @@ static void quant_int4_blocks(const pool_job *job, int phase, int64_t begin, int
     const int64_t kp = 4 * a->kq;
     uint8_t *rows = a->rows + (int64_t)participant * NBLOCK * kp;
     for (int64_t b = begin; b < end; b++) {
-        for (int r = 0; r < NBLOCK; r++) quant_int4_row(a, b * NBLOCK + r, rows + r * kp);
+        for (int r = 0; r < NBLOCK; r++) quant_int4_row(a, b * NBLOCK + r, rows + r * kp, 8, kp);
         uint8_t *dst = a->out + b * a->kq * LINE;
         for (int64_t q = 0; q < a->kq; q++) {
             for (int lane = 0; lane < 16; lane++) {
@@ -1653,6 +1653,25 @@ int w4a8_quant_int4_layout(const float *w, int64_t n, int64_t k, const float *sc
     job.chunk[0] = chunk_for(job.total[0], nthreads, 4);
     pool_submit(&job, nthreads);
     free(rows);
+    return W4A8_OK;
+}
+
+static void quant_int4_plain_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
+    (void)phase;
+    (void)participant;
+    const quant_int4_args *a = (const quant_int4_args *)job->args;
+    for (int64_t c = begin; c < end; c++) quant_int4_row(a, c, a->out + c * a->k, 0, a->k);
+}
+
+/* The values of w4a8_quant_int4_layout as a row-major int8 [n, k] matrix (the operand of a
+ * plain int8 GEMM such as torch._int_mm): the same quantization, element for element. */
+int w4a8_quant_int4_rows(const float *w, int64_t n, int64_t k, const float *scale, int qmax, int8_t *out,
+                         int nthreads) {
+    quant_int4_args args = {w, scale, n, k, round_up(k, 4) / 4, (float)qmax, (uint8_t *)out, NULL};
+    pool_job job = {.nphases = 1, .run = quant_int4_plain_rows, .args = &args};
+    job.total[0] = n;
+    job.chunk[0] = chunk_for(n, nthreads, 8);
+    pool_submit(&job, nthreads);
     return W4A8_OK;
 }
 
