@@ -7,9 +7,10 @@ the native CPU kernel's int8 GEMM, or ``torch._int_mm`` / Triton on CUDA
 stay the torch functions of :mod:`w4a8moe.quant`, so the learned clips are bit-identical
 whichever backend multiplies.
 
-A backend may offer ``quantize_int4_operand(weight, scale)`` and ``operand_int_matmul(a_q,
-operand)`` (the CPU backend does): the per-channel int4 quantization of an fp32 weight,
-written straight into its GEMM layout in one pass. The search quantizes each weight under
+A backend may offer ``quantize_int4_operand(weight, scale, reuse)`` and
+``operand_int_matmul(a_q, operand)`` (the CPU backend does): the per-channel int4 quantization
+of an fp32 weight, written straight into its GEMM's operand in one pass (over ``reuse``, an
+operand no longer needed, where given). The search quantizes each weight under
 about twenty clip grids, and that pass is then as cheap as reading the weight once. It may
 also offer ``scaled_squared_error`` (the CPU backend does): the scaling of the products and
 their squared difference to a float64 reference, the same bits as those torch steps, in one
