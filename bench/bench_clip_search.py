@@ -67,9 +67,9 @@ class TimedProducts(IntProducts):
         self.product_s = 0.0
         self.quantize_s = 0.0
 
-    def weight_operand(self, weight, scale, reuse=None):
+    def weight_operands(self, weight, scales, reuse=None):
         t = time.perf_counter()
-        out = super().weight_operand(weight, scale, reuse)
+        out = super().weight_operands(weight, scales, reuse)
         self.quantize_s += time.perf_counter() - t
         return out
 

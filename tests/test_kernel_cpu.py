@@ -968,6 +968,26 @@ def test_quantize_int4_operand_is_quantize_with_scale(backend, n, k, int_mm):
         assert torch.equal(operand.layout, backend.relayout(pack_int4_pairs(q)))
 
 
+@pytest.mark.parametrize("int_mm", [False, True], ids=["kernel", "int_mm"])
+def test_quantize_int4_operands_under_several_scales_over_reused_memory(native, int_mm):
+    # One pass for several scale vectors, written over operands handed back: each equals its
+    # own quantize_with_scale, and a reused operand of another shape is not written over.
+    from w4a8moe.quant import quantize_with_scale
+
+    native.int_mm_products = int_mm
+    w, scale = _weights_for_int4_operand(40, 1031, seed=3)
+    scales = [scale * f for f in (1.0, 0.7, 1.9)]
+    other = native.quantize_int4_operand(w[:8], scale[:8])
+    first = native.quantize_int4_operands(w, scales[:2])
+    made = native.quantize_int4_operands(w, scales, [first[0], other, first[1]])
+    kind = "values" if int_mm else "layout"
+    assert getattr(made[0], kind) is getattr(first[0], kind) and getattr(made[2], kind) is getattr(first[1], kind)
+    assert getattr(made[1], kind) is not getattr(other, kind)
+    x = torch.randint(-128, 128, (5, 1031), dtype=torch.int8)
+    for operand, s in zip(made, scales):
+        assert torch.equal(native.operand_int_matmul(x, operand), int8_matmul_int32(x, quantize_with_scale(w, s, 7)))
+
+
 def test_quantize_int4_operand_rejects_bad_inputs(native):
     with pytest.raises(ValueError, match="fp32"):
         native.quantize_int4_operand(torch.zeros(4, 4, dtype=torch.bfloat16), torch.ones(4))

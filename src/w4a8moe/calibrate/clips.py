@@ -61,6 +61,8 @@ HELDOUT_EVERY = 4
 ALPHA_MIN = 0.05
 REFINE_EVAL_EVERY = 5
 REFINE_FORMS = ("gram", "direct")
+GRID_GROUP = 4
+"""Grid points quantized together, in one pass over the weight (their operands held at once)."""
 
 
 @dataclass(frozen=True)
@@ -242,18 +244,22 @@ def _grid_search(products: IntProducts, x_q: torch.Tensor, x_scale: torch.Tensor
     """
     ref64 = reference.to(torch.float64)
     errors = []
-    spare = None  # the last grid point's operand where nothing keeps it: its memory is written over
-    for i, g in enumerate(grid):
-        operand = operands.get(i) if operands is not None else None
-        kept = operand is not None
-        if operand is None:
-            operand = products.weight_operand(w, per_channel_scale(amax, INT4_MAX, g), reuse=spare)
-            if operands is not None and (keep is None or i in keep):
-                operands[i] = operand
-                kept = True
-        # ((y - ref) ** 2).sum(0) with y the fp32 scaled products: the squares in one pass.
-        errors.append(products.squared_errors(x_q, x_scale, operand, ref64, torch.float32).sum(dim=0))
-        spare = None if kept else operand
+    spares: list[Int4Operand] = []  # the last group's operands that nothing keeps: written over
+    for start in range(0, len(grid), GRID_GROUP):
+        group = range(start, min(start + GRID_GROUP, len(grid)))
+        todo = [i for i in group if operands is None or operands.get(i) is None]
+        made = dict(zip(todo, products.weight_operands(
+            w, [per_channel_scale(amax, INT4_MAX, grid[i]) for i in todo], spares[:len(todo)])))
+        spares = []
+        for i in group:
+            operand = made[i] if i in made else operands[i]
+            if i in made:
+                if operands is not None and (keep is None or i in keep):
+                    operands[i] = operand
+                else:
+                    spares.append(operand)
+            # ((y - ref) ** 2).sum(0) with y the fp32 scaled products: the squares in one pass.
+            errors.append(products.squared_errors(x_q, x_scale, operand, ref64, torch.float32).sum(dim=0))
     err = torch.stack(errors)  # [G, N]
     best = torch.argmin(err, dim=0)  # first minimum: the larger clip on ties
     clip = torch.tensor(grid, dtype=torch.float32, device=err.device)[best]

@@ -7,7 +7,7 @@ the native CPU kernel's int8 GEMM, or ``torch._int_mm`` / Triton on CUDA
 stay the torch functions of :mod:`w4a8moe.quant`, so the learned clips are bit-identical
 whichever backend multiplies.
 
-A backend may offer ``quantize_int4_operand(weight, scale, reuse)`` and
+A backend may offer ``quantize_int4_operands(weight, scales, reuse)`` and
 ``operand_int_matmul(a_q, operand)`` (the CPU backend does): the per-channel int4 quantization
 of an fp32 weight, written straight into its GEMM's operand in one pass (over ``reuse``, an
 operand no longer needed, where given). The search quantizes each weight under
@@ -48,7 +48,7 @@ class IntProducts:
         self.device = torch.device(device or "cpu")
         self.backend = backend if backend is not None else int_matmul_backend(self.device)
         cpu = self.device.type == "cpu"
-        self._fused = cpu and callable(getattr(self.backend, "quantize_int4_operand", None))
+        self._fused = cpu and callable(getattr(self.backend, "quantize_int4_operands", None))
         self._fused_errors = cpu and callable(getattr(self.backend, "scaled_squared_error", None))
 
     @property
@@ -61,10 +61,18 @@ class IntProducts:
         """The int4 values of fp32 ``weight`` ``[N, K]`` under ``scale`` ``[N]`` (those of
         :func:`w4a8moe.quant.quantize_with_scale`), ready to multiply; ``reuse``: an operand no
         longer needed whose memory the backend may write over."""
-        if self._fused:
-            spare = reuse.values if reuse is not None and not isinstance(reuse.values, torch.Tensor) else None
-            return Int4Operand(self.backend.quantize_int4_operand(weight, scale, spare), scale)
-        return Int4Operand(quantize_with_scale(weight, scale, INT4_MAX), scale)
+        return self.weight_operands(weight, [scale], [reuse])[0]
+
+    def weight_operands(self, weight: torch.Tensor, scales: list[torch.Tensor],
+                        reuse: list[Int4Operand | None] | None = None) -> list[Int4Operand]:
+        """:meth:`weight_operand` under each of ``scales``, in one pass over the weight where the
+        backend offers it."""
+        if not self._fused:
+            return [Int4Operand(quantize_with_scale(weight, s, INT4_MAX), s) for s in scales]
+        spares = [r.values if r is not None and not isinstance(r.values, torch.Tensor) else None
+                  for r in (reuse or [])]
+        made = self.backend.quantize_int4_operands(weight, scales, spares)
+        return [Int4Operand(values, s) for values, s in zip(made, scales)]
 
     def values_operand(self, q: torch.Tensor, scale: torch.Tensor) -> Int4Operand:
         """Given int8 values ``q`` ``[N, K]`` (GPTQ's) and their scales."""

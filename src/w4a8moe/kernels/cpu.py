@@ -46,7 +46,7 @@ from w4a8moe.quant import INT4_MAX, dynamic_quant_per_token, int8_matmul_int32, 
 CACHE_ENV = "W4A8MOE_CACHE_DIR"
 ISA_ENV = "W4A8MOE_CPU_ISA"
 SOURCE = Path(__file__).parent / "csrc" / "w4a8_cpu.c"
-ABI_VERSION = 8
+ABI_VERSION = 9
 BLOCK_SCRATCH = (
     "blk_xq", "blk_xscale", "blk_order", "blk_token_ids", "blk_offsets", "blk_row_weights", "xg", "gu", "hq", "h",
     "xsum", "hsum", "xs", "hs", "rows", "token_rows", "token_start", "blk_rowbuf", "mlp_xp", "mlp_xsum", "mlp_gu",
@@ -297,7 +297,7 @@ class KernelLibrary:
         lib.w4a8_quant_int4_layout.restype = _INT
         lib.w4a8_quant_int4_layout.argtypes = [_P, _I64, _I64, _P, _INT, _P, _INT]
         lib.w4a8_quant_int4_rows.restype = _INT
-        lib.w4a8_quant_int4_rows.argtypes = [_P, _I64, _I64, _P, _INT, _P, _INT]
+        lib.w4a8_quant_int4_rows.argtypes = [_P, _I64, _I64, _P, _I64, _INT, _P, _INT]
         lib.w4a8_swiglu_clip_quant.restype = _INT
         lib.w4a8_swiglu_clip_quant.argtypes = [_P, _I64, _I64, ctypes.c_float, _P, _P, _I64, _I64, _I64, _P, _P, _P,
                                                _INT]
@@ -731,26 +731,48 @@ class CpuBackend:
         memory for each of a search's grid points cost more in page faults than the
         quantization itself).
         """
+        return self.quantize_int4_operands(weight, [scale], [reuse])[0]
+
+    def quantize_int4_operands(self, weight: torch.Tensor, scales: list[torch.Tensor],
+                               reuse: list[CpuInt4Operand | None] | None = None) -> list[CpuInt4Operand]:
+        """:meth:`quantize_int4_operand` of one weight under several scale vectors; where
+        :attr:`int_mm_products`, in one pass over the weight (each fp32 row read from memory
+        once for all of them: the search's quantization was bound by reading the weight once per
+        grid point). ``reuse[i]`` (optional) as ``reuse`` there."""
         if weight.dtype != torch.float32 or weight.dim() != 2:
             raise ValueError(f"expected an fp32 [N, K] weight, got {weight.dtype} {list(weight.shape)}")
         n, k = weight.shape
-        if scale.numel() != n:
-            raise ValueError(f"expected {n} scales, got {scale.numel()}")
+        for scale in scales:
+            if scale.numel() != n:
+                raise ValueError(f"expected {n} scales, got {scale.numel()}")
         weight = weight.contiguous()
-        s = scale.reshape(n).to(torch.float32).contiguous()
-        fits = reuse is not None and (reuse.out_features, reuse.in_features) == (n, k)
+        reuse = list(reuse or []) + [None] * (len(scales) - len(reuse or []))
+
+        def spare(i: int, kind: str) -> torch.Tensor | None:
+            r = reuse[i]
+            fits = r is not None and (r.out_features, r.in_features) == (n, k)
+            return getattr(r, kind) if fits else None
+
         if self.int_mm_products:
-            values = reuse.values if fits and reuse.values is not None else torch.empty((n, k), dtype=torch.int8)
-            if values.numel():
-                self.kernel.check(self.kernel.lib.w4a8_quant_int4_rows(_ptr(weight), n, k, _ptr(s), INT4_MAX,
-                                                                      _ptr(values), self.num_threads))
-            return CpuInt4Operand(None, n, k, values)
-        layout = (reuse.layout if fits and reuse.layout is not None
-                  else torch.empty(self.kernel.lib.w4a8_layout_bytes(n, k), dtype=torch.uint8))
-        if layout.numel():
-            self.kernel.check(self.kernel.lib.w4a8_quant_int4_layout(_ptr(weight), n, k, _ptr(s), INT4_MAX,
-                                                                    _ptr(layout), self.num_threads))
-        return CpuInt4Operand(layout, n, k)
+            values = [spare(i, "values") for i in range(len(scales))]
+            values = [v if v is not None else torch.empty((n, k), dtype=torch.int8) for v in values]
+            if scales and n * k:
+                stacked = torch.stack([s.reshape(n).to(torch.float32) for s in scales]).contiguous()
+                outs = (ctypes.c_void_p * len(values))(*(_ptr(v) for v in values))
+                self.kernel.check(self.kernel.lib.w4a8_quant_int4_rows(
+                    _ptr(weight), n, k, _ptr(stacked), len(scales), INT4_MAX, outs, self.num_threads))
+            return [CpuInt4Operand(None, n, k, v) for v in values]
+        operands = []
+        for i, scale in enumerate(scales):
+            layout = spare(i, "layout")
+            if layout is None:
+                layout = torch.empty(self.kernel.lib.w4a8_layout_bytes(n, k), dtype=torch.uint8)
+            s = scale.reshape(n).to(torch.float32).contiguous()
+            if layout.numel():
+                self.kernel.check(self.kernel.lib.w4a8_quant_int4_layout(_ptr(weight), n, k, _ptr(s), INT4_MAX,
+                                                                        _ptr(layout), self.num_threads))
+            operands.append(CpuInt4Operand(layout, n, k))
+        return operands
 
     def operand_int_matmul(self, a_q: torch.Tensor, operand: CpuInt4Operand) -> torch.Tensor:
         """Exact int32 ``a_q [M, K] @ q^T`` for the int4 values ``q`` of an operand."""

@@ -63,7 +63,7 @@
 #define W4A8_ISA 0
 #endif
 
-#define W4A8_ABI_VERSION 8
+#define W4A8_ABI_VERSION 9
 #define NBLOCK 32           /* output channels per weight block */
 #define LINE 64             /* bytes per (block, k-quad) line */
 #define PREFETCH_LINES 128  /* software prefetch distance (8 KiB) in the weight stream: measured best */
@@ -1656,22 +1656,39 @@ int w4a8_quant_int4_layout(const float *w, int64_t n, int64_t k, const float *sc
     return W4A8_OK;
 }
 
+typedef struct {
+    const quant_int4_args *each; /* one per scale vector: its scales and its output */
+    int64_t count;
+} quant_int4_many_args;
+
 static void quant_int4_plain_rows(const pool_job *job, int phase, int64_t begin, int64_t end, int participant) {
     (void)phase;
     (void)participant;
-    const quant_int4_args *a = (const quant_int4_args *)job->args;
-    for (int64_t c = begin; c < end; c++) quant_int4_row(a, c, a->out + c * a->k, 0, a->k);
+    const quant_int4_many_args *m = (const quant_int4_many_args *)job->args;
+    /* Row by row, every scale vector: the fp32 row is read from memory once, then from cache. */
+    for (int64_t c = begin; c < end; c++)
+        for (int64_t g = 0; g < m->count; g++) {
+            const quant_int4_args *a = &m->each[g];
+            quant_int4_row(a, c, a->out + c * a->k, 0, a->k);
+        }
 }
 
-/* The values of w4a8_quant_int4_layout as a row-major int8 [n, k] matrix (the operand of a
- * plain int8 GEMM such as torch._int_mm): the same quantization, element for element. */
-int w4a8_quant_int4_rows(const float *w, int64_t n, int64_t k, const float *scale, int qmax, int8_t *out,
-                         int nthreads) {
-    quant_int4_args args = {w, scale, n, k, round_up(k, 4) / 4, (float)qmax, (uint8_t *)out, NULL};
+/* The values of w4a8_quant_int4_layout as row-major int8 [n, k] matrices (the operands of a
+ * plain int8 GEMM such as torch._int_mm), one per scale vector: scales [count, n], outs[g]
+ * [n, k]; the same quantization, element for element. */
+int w4a8_quant_int4_rows(const float *w, int64_t n, int64_t k, const float *scales, int64_t count, int qmax,
+                         int8_t *const *outs, int nthreads) {
+    if (count < 1) return W4A8_OK;
+    quant_int4_args *each = (quant_int4_args *)malloc((size_t)count * sizeof(quant_int4_args));
+    if (!each) return W4A8_ERR_NO_MEMORY;
+    for (int64_t g = 0; g < count; g++)
+        each[g] = (quant_int4_args){w, scales + g * n, n, k, round_up(k, 4) / 4, (float)qmax, (uint8_t *)outs[g], NULL};
+    quant_int4_many_args args = {each, count};
     pool_job job = {.nphases = 1, .run = quant_int4_plain_rows, .args = &args};
     job.total[0] = n;
     job.chunk[0] = chunk_for(n, nthreads, 8);
     pool_submit(&job, nthreads);
+    free(each);
     return W4A8_OK;
 }
 
