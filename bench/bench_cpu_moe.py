@@ -65,28 +65,30 @@ def probe_dram_read(kernel, size_bytes: int, repeats: int) -> dict[str, float]:
     """Best GB/s reading a ``size_bytes`` buffer: the C probe (1 and all threads, with and
     without software prefetch; on ordinary pages and, ``-huge``, on the transparent huge pages
     the kernel's weights live on) and a torch reduction."""
-    buf = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)
-    huge = random_weight_buffer(size_bytes)
     threads = torch.get_num_threads()
     results: dict[str, float] = {}
-    for pages, target in (("", buf), ("-huge", huge)):
+    # One buffer at a time (each is the probe's whole size).
+    for pages, make in (("", lambda: torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)),
+                        ("-huge", lambda: random_weight_buffer(size_bytes))):
+        buf = make()
         for label, nthreads, prefetch in (("c-1thr", 1, 0), ("c-1thr-prefetch", 1, 1),
                                           (f"c-{threads}thr", threads, 0), (f"c-{threads}thr-prefetch", threads, 1)):
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                kernel.lib.w4a8_probe_read(target.data_ptr(), size_bytes, prefetch, nthreads)
+                kernel.lib.w4a8_probe_read(buf.data_ptr(), size_bytes, prefetch, nthreads)
                 best = min(best, time.perf_counter() - start)
             results[label + pages] = size_bytes / best / 1e9
-    del huge
-    as_int64 = buf.view(torch.int64)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        as_int64.sum()
-        best = min(best, time.perf_counter() - start)
-    results["torch-sum"] = size_bytes / best / 1e9
-    del buf, as_int64
+        if not pages:
+            as_int64 = buf.view(torch.int64)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                as_int64.sum()
+                best = min(best, time.perf_counter() - start)
+            results["torch-sum"] = size_bytes / best / 1e9
+            del as_int64
+        del buf
     return results
 
 

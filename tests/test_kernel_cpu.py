@@ -815,6 +815,25 @@ def test_moe_block_in_one_call_at_deepseek_v3_shapes(native):
                     _block_definition(weights, x, topk_weights, ids, alpha, 2.5, shared))
 
 
+def test_moe_block_after_other_calls_grew_its_scratch(native):
+    # moe_block keeps its scratch pointers between calls of one size: a call in between that
+    # grows the shared scratch (combined_forward with more rows) must not leave them stale.
+    e, h, inter = 4, 64, 32
+    weights = _random_experts(e, h, inter, seed=6)
+    x = adversarial_rows(3, h, seed=2)
+    x[5::8] = 0.0
+    x = x.to(torch.bfloat16)
+    ids, topk_weights, alpha = _random_ids(3, e, 2, seed=4), torch.rand(3, 2), torch.linspace(0.5, 1.0, e)
+    shared = _w8a8_projections([(24, h), (24, h), (h, 24)], seed=5)
+    expect = _block_definition(weights, x, topk_weights, ids, alpha, 1.5, shared)
+    _assert_bitwise(_block_call(native, weights, x, topk_weights, ids, alpha, 1.5, shared), expect)
+    big_q, big_s = dynamic_quant_per_token(torch.randn(50, h))
+    token_ids, offsets = _routing(_random_ids(50, e, 4, seed=7), e)
+    native.combined_forward(native.prepare(weights), big_q, big_s, token_ids, offsets, alpha,
+                            torch.rand(token_ids.numel()))
+    _assert_bitwise(_block_call(native, weights, x, topk_weights, ids, alpha, 1.5, shared), expect)
+
+
 def test_moe_block_hands_non_finite_rows_to_torch(native):
     e, h, inter = 4, 64, 32
     weights = _random_experts(e, h, inter, seed=2)

@@ -922,29 +922,6 @@ class CpuBackend:
         code must run instead: a row of ``silu_and_mul`` that is not finite (whose quantization
         this kernel does not reproduce), or a K where int32 could overflow.
         """
-        x_q = x_q.contiguous()
-        call = self._gated_call(gate_up, down, x_q, x_scale)
-        if call is None:
-            return None
-        out, args = call
-        if out.shape[0] == 0:
-            return out
-        tables = silu_tables()
-        k, inter, n = gate_up.in_features, gate_up.out_features // 2, down.out_features
-        status = self.kernel.lib.w4a8_gated_mlp_int8(
-            _ptr(gate_up.layout), _ptr(gate_up.scale), _ptr(down.layout), _ptr(down.scale), k, inter, n,
-            _ptr(x_q), _ptr(args["xs"]), out.shape[0], _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block,
-            torch.get_num_threads(), TORCH_GRAIN_SIZE, *args["scratch"], _ptr(out), self.num_threads)
-        if status == 1:
-            return None
-        self.kernel.check(status)
-        return out
-
-    def _gated_call(self, gate_up: CpuInt8Linear, down: CpuInt8Linear, x_q: torch.Tensor,
-                    x_scale: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
-        """The checks of :meth:`gated_mlp_int8` and what its kernel call takes beside the
-        weights: ``(bf16 out [M, N], {"xs": fp32 scales, "scratch": its eight scratch
-        pointers})``, or ``None`` where int32 could overflow. ``x_q`` must be contiguous."""
         k, inter, n = gate_up.in_features, gate_up.out_features // 2, down.out_features
         if gate_up.out_features % 2 or down.in_features != inter:
             raise ValueError(f"gate_up must be [2I, K] and down [N, I]: got gate_up "
@@ -958,7 +935,7 @@ class CpuBackend:
             return None
         out = torch.empty((m, n), dtype=torch.bfloat16)
         if m == 0:
-            return out, {}
+            return out
         threads = self.num_threads
         buf = self._scratch_buffers({
             "mlp_xp": (m * _round_up(k, 4), torch.int8), "mlp_xsum": (m, torch.int32),
@@ -966,9 +943,18 @@ class CpuBackend:
             "mlp_hs": (m, torch.float32), "mlp_hsum": (m, torch.int32),
             "mlp_h": (threads * inter, torch.float32), "mlp_hb": (threads * inter, torch.int16),
         })
-        scratch = [_ptr(buf[name]) for name in ("mlp_xp", "mlp_xsum", "mlp_gu", "mlp_hq", "mlp_hs", "mlp_hsum",
-                                                "mlp_h", "mlp_hb")]
-        return out, {"xs": x_scale.to(torch.float32).reshape(-1).contiguous(), "scratch": scratch}
+        x_q = x_q.contiguous()
+        xs = x_scale.to(torch.float32).reshape(-1).contiguous()
+        tables = silu_tables()
+        status = self.kernel.lib.w4a8_gated_mlp_int8(
+            _ptr(gate_up.layout), _ptr(gate_up.scale), _ptr(down.layout), _ptr(down.scale), k, inter, n, _ptr(x_q),
+            _ptr(xs), m, _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(),
+            TORCH_GRAIN_SIZE, _ptr(buf["mlp_xp"]), _ptr(buf["mlp_xsum"]), _ptr(buf["mlp_gu"]), _ptr(buf["mlp_hq"]),
+            _ptr(buf["mlp_hs"]), _ptr(buf["mlp_hsum"]), _ptr(buf["mlp_h"]), _ptr(buf["mlp_hb"]), _ptr(out), threads)
+        if status == 1:
+            return None
+        self.kernel.check(status)
+        return out
 
     def grouped_forward(
         self,
@@ -995,32 +981,14 @@ class CpuBackend:
         """The expert path and the per-token weighted sum in one kernel call: the rows stay in
         scratch and are summed in the kernel's last phase (see
         :class:`w4a8moe.kernels.base.ExpertBackend`)."""
-        return self._forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha, row_weights)
+        if row_weights.numel() != token_ids.numel():
+            raise ValueError(f"row_weights must have {token_ids.numel()} values, got {row_weights.numel()}")
+        return self._forward(prepared, x_q, x_scale, token_ids, expert_offsets, alpha,
+                             row_weights.to(torch.float32).reshape(-1).contiguous())
 
     def _forward(self, prepared: CpuPreparedExperts, x_q: torch.Tensor, x_scale: torch.Tensor,
                  token_ids: torch.Tensor, expert_offsets: torch.Tensor, alpha: torch.Tensor,
                  row_weights: torch.Tensor | None) -> torch.Tensor:
-        combine = row_weights is not None
-        rows, tokens, hidden = token_ids.numel(), x_q.shape[0], prepared.hidden_size
-        out = torch.empty((tokens, hidden) if combine else (rows, hidden),
-                          dtype=torch.float32 if combine else torch.bfloat16)
-        args, keep = self._moe_call_args(prepared, x_q, x_scale, token_ids, expert_offsets, alpha, row_weights,
-                                         None if combine else out)
-        if not combine and rows == 0:
-            return out
-        status = self.kernel.lib.w4a8_moe_forward(*args, _ptr(out) if combine else None, self.num_threads)
-        del keep
-        self.kernel.check(status)
-        return out
-
-    def _moe_call_args(self, prepared: CpuPreparedExperts, x_q: torch.Tensor, x_scale: torch.Tensor,
-                       token_ids: torch.Tensor, expert_offsets: torch.Tensor, alpha: torch.Tensor,
-                       row_weights: torch.Tensor | None, rows_out: torch.Tensor | None) -> tuple[list, tuple]:
-        """The checks of the expert path and its kernel arguments up to ``token_start`` (those
-        of ``w4a8_moe_forward`` and ``w4a8_moe_block``): the bf16 rows go to ``rows_out``, or,
-        with ``row_weights`` (combined), to reused scratch. The tensors the pointers point to
-        are kept alive by the tuple returned beside the list, which the caller holds until the call
-        returns."""
         e, hidden, inter = prepared.num_experts, prepared.hidden_size, prepared.intermediate_size
         if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != hidden:
             raise ValueError(f"x_q must be int8 [M, {hidden}], got {x_q.dtype} {list(x_q.shape)}")
@@ -1035,27 +1003,32 @@ class CpuBackend:
         if int(offsets[-1]) != rows:
             raise ValueError(f"expert_offsets end at {int(offsets[-1])} but there are {rows} routed rows")
         combine = row_weights is not None
-        if combine and row_weights.numel() != rows:
-            raise ValueError(f"row_weights must have {rows} values, got {row_weights.numel()}")
+        if combine:
+            out = torch.empty((tokens, hidden), dtype=torch.float32)
+        else:
+            out = torch.empty((rows, hidden), dtype=torch.bfloat16)
+            if rows == 0:
+                return out
         x_q = x_q.contiguous()
         xs = x_scale.to(torch.float32).reshape(-1).contiguous()
         ids = token_ids.to(torch.int64).contiguous()
         alpha32 = alpha.to(torch.float32).contiguous()
-        weights32 = row_weights.to(torch.float32).reshape(-1).contiguous() if combine else None
         tables = silu_tables()
-        buf = self._buffers(rows, tokens, hidden, inter, self.num_threads, combine)
+        threads = self.num_threads
+        buf = self._buffers(rows, tokens, hidden, inter, threads, combine)
         # Combined: the bf16 rows go to reused scratch and only the [M, H] sum is new memory.
-        rows_ptr = _ptr(buf["rows"]) if combine else _ptr(rows_out)
-        keep = (x_q, xs, ids, offsets, alpha32, weights32)
-        return [
+        rows_ptr = _ptr(buf["rows"]) if combine else _ptr(out)
+        status = self.kernel.lib.w4a8_moe_forward(
             _ptr(prepared.w13), _ptr(prepared.w13_scale), _ptr(prepared.w2), _ptr(prepared.w2_scale),
             e, hidden, inter, _ptr(x_q), _ptr(xs), tokens, _ptr(ids), _ptr(offsets), _ptr(alpha32),
             _ptr(tables.vector), _ptr(tables.scalar), tables.vec_block, torch.get_num_threads(), TORCH_GRAIN_SIZE,
             _ptr(buf["xg"]), _ptr(buf["gu"]), _ptr(buf["hq"]), _ptr(buf["h"]), _ptr(buf["xsum"]),
             _ptr(buf["hsum"]), _ptr(buf["xs"]), _ptr(buf["hs"]), rows_ptr,
-            _ptr(weights32) if combine else None, _ptr(buf["token_rows"]) if combine else None,
-            _ptr(buf["token_start"]) if combine else None,
-        ], keep
+            _ptr(row_weights) if combine else None, _ptr(buf["token_rows"]) if combine else None,
+            _ptr(buf["token_start"]) if combine else None, _ptr(out) if combine else None, threads,
+        )
+        self.kernel.check(status)
+        return out
 
     def moe_block(self, prepared: CpuPreparedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, alpha: torch.Tensor, scaling: float,

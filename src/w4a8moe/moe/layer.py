@@ -279,10 +279,14 @@ class W4A8MoE(nn.Module):
         if ids.shape[0] == 0:
             return torch.zeros((0, x.shape[-1]), dtype=torch.float32, device=x.device)
         rows = sort_rows_by_expert(ids, self.routing.num_experts, weights, self.backend)
-        alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
         x_q, x_scale = quantized if quantized is not None else self.backend.quantize_per_token(x)
-        return self.backend.combined_forward(self._prepared, x_q, x_scale, rows.token_ids, rows.offsets, alpha,
-                                             rows.row_weights)
+        return self.backend.combined_forward(self._prepared, x_q, x_scale, rows.token_ids, rows.offsets,
+                                             self._alpha(), rows.row_weights)
+
+    def _alpha(self) -> torch.Tensor:
+        """The activation clips the experts run with: the learned ones, or all 1 where
+        ``apply_alpha`` is off."""
+        return self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
 
     def _one_call(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         # The input's quantization, the routed experts, the shared expert and their sum as one
@@ -299,8 +303,7 @@ class W4A8MoE(nn.Module):
             projections = self.shared.native_projections()
             if projections is None or type(self.shared.gate_up_proj.backend) is not type(self.backend):
                 return None
-        alpha = self.experts.alpha if self.apply_alpha else torch.ones_like(self.experts.alpha)
-        return block(self._prepared, x, weights, ids, alpha, self.routing.routed_scaling_factor, projections)
+        return block(self._prepared, x, weights, ids, self._alpha(), self.routing.routed_scaling_factor, projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
